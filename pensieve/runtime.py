@@ -1,0 +1,84 @@
+"""Loading a model for serving, and profiling its chunk recompute cost on this machine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pensieve.weights import load_config, load_state_dict, resolve_model
+
+from pensieve.attention import ContiguousKV
+from pensieve.config import EngineConfig
+from pensieve.model import LlamaForCausalLM, build_model, pick_device, pick_dtype
+from pensieve.policy import CostModel
+from pensieve.tokenizer import ChatTokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: ChatTokenizer
+    folder: Path
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.model.config.name
+
+    @property
+    def max_context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+def load_pretrained(config: EngineConfig) -> LoadedModel:
+    """Resolve, load and validate the model and tokenizer named by `config.model`."""
+    started = time.perf_counter()
+    folder = resolve_model(config.model, cache_dir=config.cache_dir)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    model_config = load_config(folder)
+    state = load_state_dict(folder, model_config, dtype, device)
+    model = build_model(model_config, state, dtype, device)
+    tokenizer = ChatTokenizer.from_folder(folder)
+    return LoadedModel(model, tokenizer, folder, time.perf_counter() - started)
+
+
+def profile_chunk_cost(
+    model: LlamaForCausalLM, chunk_tokens: int, max_context: int, repeats: int = 2
+) -> CostModel:
+    """Time the forward of one chunk after l cached tokens, for l = 0 and powers of two.
+
+    This is Cost(l) of the retention value: a constant part (the MLPs and projections) plus
+    attention that grows with l.
+    """
+    cfg = model.config
+    device = model.device
+
+    def time_at(context: int) -> float:
+        """Best of `repeats` timed forwards of one chunk after `context` random cached tokens."""
+        kv = ContiguousKV(cfg.num_hidden_layers)
+        if context:
+            shape = (context, cfg.num_key_value_heads, cfg.head_dim)
+            kv.keys = [torch.randn(shape, dtype=model.dtype, device=device)] * cfg.num_hidden_layers
+            kv.values = list(kv.keys)
+        ids = torch.zeros(chunk_tokens, dtype=torch.long, device=device)
+        pos = torch.arange(context, context + chunk_tokens, device=device)
+        best = float("inf")
+        for _ in range(repeats):
+            probe = ContiguousKV(cfg.num_hidden_layers)
+            probe.keys, probe.values = list(kv.keys), list(kv.values)
+            started = time.perf_counter()
+            model(ids, pos, probe)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    time_at(0)  # warm-up: first calls pay for allocator and kernel initialisation
+    points = [0] + [n for n in (512, 2048, 8192) if n <= max_context]
+    seconds = [time_at(n) for n in points]
+    for i in range(1, len(seconds)):  # noise must not make a longer context look cheaper
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return CostModel(points, seconds)

@@ -1,0 +1,39 @@
+"""A request in flight: the turn's prompt, what it generated, and the inputs still to compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pensieve.messages import Usage
+from pensieve.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    conversation_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    keep_cache: bool = True
+    arrival: float = 0.0
+    generated: list[int] = field(default_factory=list)
+    pending: list[tuple[int, int]] = field(default_factory=list)  # (token, position) to compute
+    usage: Usage | None = None  # set at first admission
+    cancel_reason: str | None = None
+
+    @property
+    def target(self) -> list[int]:
+        """Every token the conversation should hold to continue this request."""
+        return self.prompt + self.generated
+
+    def finish_reason(self, max_context: int) -> str | None:
+        """Why generation stops after the newest token, or None to continue."""
+        if not self.generated:
+            return None
+        if self.generated[-1] in self.stop_token_ids and not self.sampling.ignore_eos:
+            return "stop"
+        if len(self.generated) >= self.max_tokens or len(self.target) >= max_context:
+            return "length"
+        return None

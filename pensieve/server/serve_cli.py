@@ -1,0 +1,130 @@
+"""`pensieve serve`: the OpenAI-compatible HTTP server.
+
+Start-up order: listen first, then load the model, so that a supervisor can poll
+GET /health from the start (503 "loading" until the engine is ready, then 200).
+SIGTERM or SIGINT drains: new requests get 503, in-flight generations get --grace-period
+seconds to finish, the rest are cancelled (their blocks freed), the engine stops, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from pensieve.cli_args import add_engine_arguments, engine_config_from_args
+from pensieve.config import EngineConfig
+from pensieve.errors import PensieveError
+from pensieve.server.app import create_app, start_server
+from pensieve.server.state import DEFAULT_MAX_BODY_BYTES, STATE
+
+if TYPE_CHECKING:
+    from pensieve.engine import Engine
+
+log = logging.getLogger("pensieve.server")
+
+# How long aiohttp waits for handlers still running after draining before cancelling them.
+CANCEL_TIMEOUT_S = 1.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted; larger ones get 413",
+    )
+    g.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM/SIGINT before cancellation",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(serve(args))
+
+
+async def _load_engine(config: EngineConfig, stop: asyncio.Event) -> Engine | None:
+    """Start the engine unless a stop signal comes first (then None)."""
+    from pensieve.engine import Engine
+
+    engine = Engine(config)
+    loading = asyncio.ensure_future(engine.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not loading.done():
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        await engine.stop()
+        return None
+    loading.result()  # raises the load error, if any
+    return engine
+
+
+async def serve(args: argparse.Namespace) -> int:
+    app = create_app(max_body_bytes=args.max_body_bytes)
+    state = app[STATE]
+    try:
+        runner, port = await start_server(
+            app, args.host, args.port, shutdown_timeout=CANCEL_TIMEOUT_S
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "listening on http://%s:%d (loading the model; /health is 503 until ready)", args.host, port
+    )
+    engine = None
+    try:
+        engine = await _load_engine(engine_config_from_args(args), stop)
+        if engine is None:
+            log.info("stopped while loading")
+            return 0
+        state.engine = engine
+        log.info("ready: serving %s on http://%s:%d", engine.model_name, args.host, port)
+        await stop.wait()
+        log.info(
+            "shutting down: %d requests in flight, grace %.1fs", state.in_flight, args.grace_period
+        )
+        if not await state.drain(args.grace_period):
+            log.warning("grace period over: cancelling %d requests", state.in_flight)
+        return 0
+    except PensieveError as exc:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+        return 1
+    finally:
+        state.draining = True
+        await runner.cleanup()
+        if engine is not None:
+            await engine.stop()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pensieve serve", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
