@@ -12,8 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from pensieve.actors.base import Actor, Replies
 
+from pensieve.actors.base import Actor, Replies
 from pensieve.block_allocator import KVPool
 from pensieve.messages import StepPlan, StepResult
 from pensieve.model import LlamaForCausalLM

@@ -17,7 +17,6 @@ import time
 from collections import deque
 
 from pensieve.actors.base import Actor, Replies
-
 from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
@@ -292,8 +291,7 @@ class Scheduler(Actor):
                 cache.reclaim(len(eviction.copies))
             short = n - cache.device.num_free
         if short > 0:
-            dropped = cache.drop_leading(short)
-            self.counters.dropped_tokens += dropped * cache.block_size
+            cache.drop_leading(short)
         return cache.device.num_free >= n
 
     async def _swap_out_ahead(self) -> None:

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import dataclass, field
 
 from pensieve.actors.base import Actor
-
 from pensieve.cache import TieredCache
 from pensieve.errors import ContextLengthError, InvalidRequestError, OverloadedError
 from pensieve.messages import Cancel, Submit, TokenEvent, Usage
@@ -41,6 +40,7 @@ class OpenRequest:
     skip_ids: frozenset[int]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     stopped: bool = False  # a stop string ended it; later tokens are not shown
+    token_ids: list[int] = field(default_factory=list)  # every generated id, EOS included
 
 
 class SessionManager(Actor):
@@ -127,6 +127,8 @@ class SessionManager(Actor):
         if request is None:
             return
         for token in message.tokens:
+            if not request.stopped:
+                request.token_ids.append(token)
             if request.stopped or token in request.skip_ids:
                 continue
             text, hit = request.stop.push(request.decoder.push(token))

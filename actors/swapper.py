@@ -13,8 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from pensieve.actors.base import Actor, Replies
 
+from pensieve.actors.base import Actor, Replies
 from pensieve.block_allocator import KVPool
 from pensieve.messages import SwapDone, SwapOrder
 from pensieve.stats import Counters

@@ -1,0 +1,65 @@
+"""Kernels of the paged KV cache: `write_kv` and `paged_attention`, dispatched by device.
+
+CUDA tensors run the Numba CUDA kernels (`cuda_attention`), CPU tensors the Numba CPU kernel
+(`cpu_attention`); `reference` holds the torch oracle. The CUDA module is imported on first use
+only, so CPU-only processes never import numba.cuda (and a test process may still switch on the
+CUDA simulator before it does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu_attention import paged_attention_cpu, write_kv_cpu
+
+__all__ = ["paged_attention", "write_kv"]
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
+) -> None:
+    """Write row t of k/v ([T, Hkv, D]) into slot slot_mapping[t] of the caches, in place.
+
+    Slot s is block s // block_size, offset s % block_size; a negative slot means skip.
+    `validate=False` skips the argument checks (for callers that checked the step already).
+    """
+    if k_cache.is_cuda:
+        from .cuda_attention import write_kv_cuda
+
+        write_kv_cuda(k, v, k_cache, v_cache, slot_mapping, validate=validate)
+    else:
+        write_kv_cpu(k, v, k_cache, v_cache, slot_mapping, validate=validate)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    query_positions: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Multi-input paged attention; returns [T, Hq, D] in q's dtype.
+
+    Query row t of sequence b (rows query_start[b]:query_start[b+1]) attends to every KV
+    position j with j <= query_positions[t] and j < context_lens[b]; position p lives at
+    block_tables[b, p // block_size], offset p % block_size. Covers decode, prefill, prefill
+    over a cached history and several query ranges over one context, in one call. Raises
+    ValueError on inconsistent arguments unless `validate=False`.
+    """
+    args = (q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale)
+    if q.is_cuda:
+        from .cuda_attention import paged_attention_cuda
+
+        return paged_attention_cuda(*args, validate=validate)
+    return paged_attention_cpu(*args, validate=validate)

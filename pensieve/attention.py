@@ -52,12 +52,15 @@ def sdpa_causal(
     Query i sits at position query_offset + i and sees keys 0..query_offset + i.
     """
     t, hq, d = q.shape
-    s, hkv, _ = keys.shape
-    group = hq // hkv
+    s = keys.shape[0]
     qh = q.transpose(0, 1).float()  # [Hq, T, D]
-    kh = keys.transpose(0, 1).float().repeat_interleave(group, dim=0)
-    vh = values.transpose(0, 1).float().repeat_interleave(group, dim=0)
-    pos_q = torch.arange(t, device=q.device) + query_offset
-    mask = torch.arange(s, device=q.device)[None, :] <= pos_q[:, None]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=1.0 / math.sqrt(d))
+    kh = keys.transpose(0, 1).float()
+    vh = values.transpose(0, 1).float()
+    mask = None
+    if t > 1:  # a single query at the end sees every key: no mask needed
+        pos_q = torch.arange(t, device=q.device) + query_offset
+        mask = torch.arange(s, device=q.device)[None, :] <= pos_q[:, None]
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, scale=1.0 / math.sqrt(d), enable_gqa=hq != kh.shape[0]
+    )
     return out.transpose(0, 1).to(q.dtype)

@@ -97,6 +97,7 @@ class TieredCache:
         self.clock = clock
         self.conversations: dict[str, Conversation] = {}
         self.deferred_host_frees: list[int] = []
+        self.dropped_chunks = 0  # chunks whose KV was dropped (their tokens kept), ever
 
     # ---- conversations -------------------------------------------------------------------
 
@@ -319,6 +320,7 @@ class TieredCache:
             self.host.free(conv.chunks[victims[0].chunk].host)  # type: ignore[arg-type]
             conv.chunks[victims[0].chunk].host = None
             conv.dropped += 1
+            self.dropped_chunks += 1
         return self.host.allocate(1)[0]
 
     def plan_swap_out(self, n: int) -> Eviction:
@@ -352,6 +354,7 @@ class TieredCache:
             self._free_chunk(conv.chunks[conv.dropped])
             conv.dropped += 1
             dropped += 1
+        self.dropped_chunks += dropped
         return dropped
 
     # ---- accounting ----------------------------------------------------------------------

@@ -40,6 +40,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.set_defaults(mode="stateful")
     g.add_argument("--cache-dir", default=None, help="where GGUF files are converted")
+    g.add_argument(
+        "--no-profile-cost",
+        dest="profile_cost",
+        action="store_false",
+        help="skip start-up profiling of Cost(l); use a linear stand-in",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -55,4 +61,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_running=args.max_running,
         max_queue=args.max_queue,
         cache_dir=args.cache_dir,
+        profile_cost=args.profile_cost,
     )

@@ -14,12 +14,12 @@ import logging
 import time
 
 import torch
+
 from pensieve.actors.base import Replies
 from pensieve.actors.executor import Executor
 from pensieve.actors.scheduler import Scheduler
 from pensieve.actors.session_manager import Finished, OpenRequest, SessionManager
 from pensieve.actors.swapper import Swapper
-
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
@@ -29,6 +29,7 @@ from pensieve.policy import CostModel
 from pensieve.runtime import LoadedModel, load_pretrained, profile_chunk_cost
 from pensieve.sampling import SamplingParams
 from pensieve.stats import ConversationInfo, Counters, EngineStats
+from pensieve.tokenizer import ChatTokenizer
 
 __all__ = ["ChatStream", "Engine", "EngineConfig", "SamplingParams", "Usage"]
 
@@ -90,6 +91,11 @@ class ChatStream:
             if item.error is not None:
                 raise EngineError(f"generation failed: {item.error}")
             raise StopAsyncIteration
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids so far (EOS included when it ended the reply)."""
+        return list(self._request.token_ids) if self._request is not None else []
 
     async def text(self) -> str:
         """The whole reply (consumes the stream)."""
@@ -230,8 +236,20 @@ class Engine:
         return self._sessions.open(messages, conversation_id, sampling)
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - ChatTokenizer
-        return self._loaded.tokenizer  # type: ignore[union-attr]
+    def tokenizer(self) -> ChatTokenizer:
+        return self.loaded.tokenizer
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model and tokenizer; pass to another Engine to share them (benchmarks)."""
+        if self._loaded is None:
+            raise EngineError("the engine has not loaded its model yet")
+        return self._loaded
+
+    @property
+    def cost_model(self) -> CostModel | None:
+        """The profiled Cost(l); pass to another Engine to skip profiling again."""
+        return self._cost_model
 
     @property
     def model_name(self) -> str:
@@ -282,7 +300,7 @@ class Engine:
             generated_tokens_total=c.generated_tokens,
             swap_out_blocks_total=c.swap_out_blocks,
             swap_in_blocks_total=c.swap_in_blocks,
-            dropped_tokens_total=c.dropped_tokens,
+            dropped_tokens_total=cache.dropped_chunks * cache.block_size,
             preemptions_total=c.preemptions,
             device_blocks_used=cache.device.num_used,
             device_blocks_total=cache.device.num_blocks,

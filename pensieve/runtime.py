@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pensieve.weights import load_config, load_state_dict, resolve_model
 
 from pensieve.attention import ContiguousKV
 from pensieve.config import EngineConfig
 from pensieve.model import LlamaForCausalLM, build_model, pick_device, pick_dtype
 from pensieve.policy import CostModel
 from pensieve.tokenizer import ChatTokenizer
+from pensieve.weights import load_config, load_state_dict, resolve_model
 
 
 @dataclass

@@ -19,7 +19,6 @@ class Counters:
     generated_tokens: int = 0
     swap_out_blocks: int = 0
     swap_in_blocks: int = 0
-    dropped_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
     step_seconds: float = 0.0

@@ -20,10 +20,10 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pensieve.weights.loader import read_json
 from tokenizers import Tokenizer
 
 from pensieve.errors import InvalidRequestError, ModelLoadError
+from pensieve.weights.loader import read_json
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
 _ROLE_ALIASES = {"developer": "system"}
@@ -207,13 +207,12 @@ class ChatTokenizer:
                 eos.update(_id_list(source.get("eos_token_id")))
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"{folder}: bad eos_token_id ({exc})") from exc
-        bos = model_config.get("bos_token_id")
-        for name, text in special.items():
-            token_id = tokenizer.token_to_id(text)
-            if token_id is not None and name == "eos_token":
-                eos.add(token_id)
-            if token_id is not None and name == "bos_token":
-                bos = token_id
+        ids = {name: tokenizer.token_to_id(text) for name, text in special.items()}
+        if ids.get("eos_token") is not None:
+            eos.add(ids["eos_token"])
+        bos = ids.get("bos_token")
+        if bos is None:
+            bos = model_config.get("bos_token_id")
         template, template_path = _find_chat_template(folder, tok_config)
         try:
             return cls(tokenizer, template, special, eos, bos)

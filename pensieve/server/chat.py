@@ -51,35 +51,27 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Generation:
-    """One engine stream plus the bookkeeping its response needs: timing and whether it ended."""
+    """One engine stream plus the timing its metrics need."""
 
     def __init__(self, stream: ChatStream, state: ServerState):
         self.stream = stream
         self.state = state
         self.started = time.perf_counter()
         self.first_at = self.started
-        self.finished = False
 
     async def first(self) -> str:
         """The first text delta ("" if the reply is empty); raises the engine's request errors."""
         try:
             text = await anext(self.stream)
         except StopAsyncIteration:
-            self._finish()
             text = ""
         self.first_at = time.perf_counter()
         return text
 
     async def rest(self) -> AsyncIterator[str]:
-        """The remaining deltas; marks the generation finished when the engine ends it."""
-        if self.finished:
-            return
+        """The remaining deltas; records the request's latencies once the engine ends it."""
         async for delta in self.stream:
             yield delta
-        self._finish()
-
-    def _finish(self) -> None:
-        self.finished = True
         usage = self.stream.usage
         self.state.metrics.observe_generation(
             self.first_at - self.started,
@@ -88,10 +80,9 @@ class Generation:
         )
 
     async def close(self) -> None:
-        """Abort an unfinished generation; shielded so a second cancellation cannot skip it."""
-        if not self.finished:
-            self.finished = True
-            await asyncio.shield(self.stream.aclose())
+        """Abort the generation if it is unfinished (else a no-op); shielded so that a second
+        cancellation (server shutdown) cannot skip freeing its blocks."""
+        await asyncio.shield(self.stream.aclose())
 
 
 def _conversation_id(req: ChatCompletionRequest, request: web.Request) -> str | None:

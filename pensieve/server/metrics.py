@@ -27,6 +27,7 @@ ENGINE_COUNTERS = [
     ("recomputed_tokens", "recomputed_tokens_total", "Dropped history tokens recomputed."),
     ("generation_tokens", "generated_tokens_total", "Tokens generated."),
     ("dropped_tokens", "dropped_tokens_total", "History tokens whose KV was dropped."),
+    ("preemptions", "preemptions_total", "Running requests suspended to free device memory."),
     ("engine_steps", "steps_total", "Forward steps run."),
 ]
 
@@ -34,6 +35,7 @@ ENGINE_COUNTERS = [
 ENGINE_GAUGES = [
     ("requests_running", "requests_running", "Requests in the running batch."),
     ("requests_waiting", "requests_waiting", "Requests queued for admission."),
+    ("conversations", "conversations", "Conversations whose history is kept."),
     ("block_size_tokens", "block_size", "Tokens per KV block."),
 ]
 

@@ -17,8 +17,8 @@ import msgspec
 from pensieve.errors import InvalidRequestError
 from pensieve.sampling import SamplingParams
 
-# "developer" is what newer OpenAI clients send in place of "system"; the model sees "system".
-Role = Literal["system", "developer", "user", "assistant"]
+# The roles the engine's chat template renders ("developer" is rendered as "system").
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
 
 _CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -37,11 +37,6 @@ class ChatMessage(msgspec.Struct):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
-
-    def text(self) -> str | None:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content
 
 
 class StreamOptions(msgspec.Struct):
@@ -71,7 +66,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     logprobs: bool | None = None
 
     def check(self) -> None:
-        """Checks beyond types; options this server lacks are rejected, never silently ignored."""
+        """Checks beyond types. Known options this server lacks are rejected, not ignored."""
         if self.n not in (None, 1):
             raise InvalidRequestError("n must be 1: one choice per request is supported", param="n")
         for param in ("presence_penalty", "frequency_penalty"):
@@ -91,10 +86,10 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
                     f"content is required for role {msg.role!r}", param=f"messages[{i}].content"
                 )
 
-    def engine_messages(self) -> list[dict[str, str]]:
-        """The messages as the engine takes them: role and text content only."""
+    def engine_messages(self) -> list[dict[str, Any]]:
+        """The messages as the engine takes them; it joins text parts and maps roles."""
         return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text() or ""}
+            {"role": m.role, "content": "" if m.content is None else msgspec.to_builtins(m.content)}
             for m in self.messages
         ]
 

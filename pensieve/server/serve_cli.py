@@ -14,7 +14,8 @@ import contextlib
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pensieve.cli_args import add_engine_arguments, engine_config_from_args
 from pensieve.config import EngineConfig
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from pensieve.engine import Engine
 
 log = logging.getLogger("pensieve.server")
+
+T = TypeVar("T")
 
 # How long aiohttp waits for handlers still running after draining before cancelling them.
 CANCEL_TIMEOUT_S = 1.0
@@ -58,19 +61,26 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args))
 
 
+async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> asyncio.Task[T]:
+    """Run coro until it ends or a stop signal comes (then cancel it); return its task."""
+    task = asyncio.ensure_future(coro)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return task
+
+
 async def _load_engine(config: EngineConfig, stop: asyncio.Event) -> Engine | None:
     """Start the engine unless a stop signal comes first (then None)."""
     from pensieve.engine import Engine
 
     engine = Engine(config)
-    loading = asyncio.ensure_future(engine.start())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not loading.done():
-        loading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loading
+    loading = await _until_stopped(engine.start(), stop)
+    if loading.cancelled():
         await engine.stop()
         return None
     loading.result()  # raises the load error, if any
@@ -103,11 +113,13 @@ async def serve(args: argparse.Namespace) -> int:
         state.engine = engine
         log.info("ready: serving %s on http://%s:%d", engine.model_name, args.host, port)
         await stop.wait()
+        stop.clear()  # a second signal ends the grace period at once
         log.info(
             "shutting down: %d requests in flight, grace %.1fs", state.in_flight, args.grace_period
         )
-        if not await state.drain(args.grace_period):
-            log.warning("grace period over: cancelling %d requests", state.in_flight)
+        draining = await _until_stopped(state.drain(args.grace_period), stop)
+        if draining.cancelled() or not draining.result():
+            log.warning("cancelling %d requests still in flight", state.in_flight)
         return 0
     except PensieveError as exc:
         log.error("%s: %s", type(exc).__name__, exc.message)

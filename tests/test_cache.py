@@ -1,0 +1,165 @@
+"""The tiered cache and the retention policy in isolation, with a fake clock and cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from pensieve.block_allocator import BlockAllocator, OutOfBlocks
+from pensieve.cache import TieredCache
+from pensieve.policy import CostModel, rank_candidates, retention_value
+
+BS = 4
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_cache(device: int = 16, host: int = 16) -> tuple[TieredCache, FakeClock]:
+    clock = FakeClock()
+    return TieredCache(BS, device, host, CostModel.linear(1.0, 0.01), clock), clock
+
+
+def serve(cache: TieredCache, cid: str, tokens: list[int]) -> None:
+    """Admit a turn and pretend every pending input was computed."""
+    conv = cache.get_or_create(cid)
+    conv.owner = 1
+    adm = cache.admit(cid, tokens)
+    cache.commit(cid, adm.pending)
+    cache.end_step()
+    cache.release(cid)
+
+
+def test_allocator_reference_counts() -> None:
+    alloc = BlockAllocator(3)
+    a, b = alloc.allocate(2)
+    alloc.incref(a)
+    alloc.free(a)
+    assert alloc.num_free == 1
+    alloc.free(a)
+    assert alloc.num_free == 2
+    with pytest.raises(ValueError):
+        alloc.free(a)
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(3)
+    alloc.free(b)
+    assert alloc.num_free == 3
+
+
+def test_cost_model_interpolates_and_grows() -> None:
+    cost = CostModel([0, 100, 200], [1.0, 2.0, 4.0])
+    assert cost(50) == pytest.approx(1.5)
+    assert cost(150) == pytest.approx(3.0)
+    assert cost(300) == pytest.approx(6.0)  # extrapolated
+    assert retention_value(2.0, 4.0) == 0.5
+
+
+def test_leading_chunks_rank_first_within_a_conversation() -> None:
+    ranked = rank_candidates([("a", 0, 3, 0.0)], CostModel.linear(1.0, 0.1), BS, now=10.0)
+    assert [c.chunk for c in ranked] == [0, 1, 2]
+
+
+def test_idle_conversation_loses_more_than_active_one() -> None:
+    cache, clock = make_cache(device=16, host=16)
+    serve(cache, "idle", list(range(16)))
+    clock.now += 100.0
+    serve(cache, "active", list(range(100, 116)))
+    clock.now += 1.0
+    eviction = cache.plan_swap_out(3)
+    assert len(eviction.copies) == 3
+    idle, active = cache.conversations["idle"], cache.conversations["active"]
+    assert [ch.host is not None for ch in idle.chunks] == [True, True, True, False]
+    assert all(ch.host is None for ch in active.chunks)
+    cache.check()
+
+
+def test_swap_out_is_lazy_and_reclaim_takes_leading_copies() -> None:
+    cache, clock = make_cache(device=8, host=8)
+    serve(cache, "a", list(range(16)))
+    clock.now += 10
+    cache.plan_swap_out(2)
+    assert cache.device.num_used == 4  # still valid on device
+    assert cache.reclaimable() == 2
+    assert cache.reclaim(1) == 1
+    chunks = cache.conversations["a"].chunks
+    assert chunks[0].device is None and chunks[0].host is not None
+    assert chunks[1].device is not None and chunks[1].host is not None
+    assert cache.conversations["a"].tier_tokens(BS) == (12, 4, 0)
+    cache.check()
+
+
+def test_full_host_drops_lowest_value_leading_chunk() -> None:
+    cache, clock = make_cache(device=8, host=2)
+    serve(cache, "old", list(range(8)))
+    clock.now += 50
+    serve(cache, "new", list(range(50, 58)))
+    clock.now += 1
+    cache.plan_swap_out(2)  # both host blocks go to "old" (idle longest)
+    cache.reclaim(2)
+    assert cache.conversations["old"].tier_tokens(BS) == (0, 8, 0)
+    cache.plan_swap_out(1)  # host full: old's leading chunk is dropped to make room
+    old = cache.conversations["old"]
+    assert old.dropped == 1 and old.tier_tokens(BS) == (0, 4, 4)
+    assert old.tokens == list(range(8))  # token ids are kept
+    cache.check()
+
+
+def test_returning_conversation_restores_and_recomputes_dropped_prefix() -> None:
+    cache, clock = make_cache(device=8, host=1)
+    serve(cache, "c", list(range(12)))
+    clock.now += 5
+    for _ in range(2):  # one host block: the second chunk's copy drops the first
+        cache.plan_swap_out(1)
+        cache.reclaim(1)
+    conv = cache.conversations["c"]
+    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 4, 4)
+    conv.owner = 2
+    adm = cache.admit("c", list(range(12)) + [99, 98])
+    assert adm.recomputed_tokens == 4 and adm.cached_tokens == 8
+    assert [p for _, p in adm.pending] == [0, 1, 2, 3, 12, 13]
+    assert len(adm.swap_in) == 1
+    cache.commit("c", adm.pending)
+    cache.end_step()
+    cache.release("c")
+    assert conv.dropped == 0 and conv.tokens == list(range(12)) + [99, 98]
+    cache.check()
+
+
+def test_diverging_history_reuses_common_prefix_only() -> None:
+    cache, _ = make_cache()
+    serve(cache, "c", list(range(10)))
+    conv = cache.conversations["c"]
+    conv.owner = 2
+    adm = cache.admit("c", list(range(6)) + [50, 51, 52])
+    assert adm.cached_tokens == 6
+    cache.commit("c", adm.pending)
+    cache.release("c")
+    assert conv.tokens == list(range(6)) + [50, 51, 52]
+    assert len(conv.chunks) == 3
+    cache.check()
+
+
+def test_prefix_match_needs_most_of_the_history() -> None:
+    cache, _ = make_cache()
+    serve(cache, "a", list(range(20)))
+    assert cache.match(list(range(20)) + [7, 7]) == ("a", 20)
+    assert cache.match(list(range(5)) + [9] * 30)[0] is None  # only a shared preamble
+    assert cache.match(list(range(20)) + [7], exclude={"a"})[0] is None
+
+
+def test_unfinished_recompute_leaves_range_dropped() -> None:
+    cache, clock = make_cache(device=8, host=0)
+    serve(cache, "c", list(range(8)))
+    clock.now += 1
+    assert cache.drop_leading(1) == 1
+    conv = cache.conversations["c"]
+    conv.owner = 3
+    adm = cache.admit("c", list(range(8)) + [42])
+    cache.commit("c", adm.pending[:2])  # cancelled mid-recompute
+    cache.release("c")
+    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 0, 4)
+    cache.check()

@@ -1,0 +1,154 @@
+"""The invariant: a conversation served statefully (cached, swapped, partly dropped and
+recomputed, in any batch) yields the greedy tokens of its whole history served from scratch."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pensieve.config import EngineConfig, ModelConfig
+from pensieve.engine import Engine
+from pensieve.model import build_model
+from pensieve.policy import CostModel
+from pensieve.reference import reference_generate
+from pensieve.runtime import LoadedModel
+from pensieve.sampling import SamplingParams
+from pensieve.tokenizer import ChatTokenizer
+from pensieve.weights import expected_tensor_shapes
+
+WORDS = "the a cat dog sees runs blue red tree house why how many seven rivers quietly".split()
+
+
+def tiny_random_model(tokenizer: ChatTokenizer, folder: Path) -> LoadedModel:
+    """A 2-layer random Llama over the real tokenizer: fast, and its logits have wide gaps."""
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        name="tiny-random",
+    )
+    gen = torch.Generator().manual_seed(1234)
+    state = {
+        name: (
+            torch.ones(shape)
+            if name.endswith("norm.weight")
+            else torch.randn(shape, generator=gen) * 0.3
+        )
+        for name, shape in expected_tensor_shapes(config).items()
+    }
+    model = build_model(config, state, torch.float32, torch.device("cpu"))
+    return LoadedModel(model, tokenizer, folder, 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(default_model_dir: Path) -> LoadedModel:
+    return tiny_random_model(ChatTokenizer.from_folder(default_model_dir), default_model_dir)
+
+
+async def replay(
+    engine: Engine, n_convs: int, turns: int, seed: int, explicit_ids: bool
+) -> list[tuple[list[int], SamplingParams, list[int]]]:
+    """Run conversations concurrently in random order; return (prompt, sampling, generated)."""
+    rng = random.Random(seed)
+    records: list[tuple[list[int], SamplingParams, list[int]]] = []
+
+    async def conversation(i: int) -> None:
+        history: list[dict] = []
+        for _ in range(turns):
+            await asyncio.sleep(rng.random() * 0.05)
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
+            history.append({"role": "user", "content": words})
+            sampling = SamplingParams(temperature=0, max_tokens=rng.randint(2, 14))
+            prompt = engine.tokenizer.encode_chat(history)
+            stream = engine.chat(history, f"conv-{seed}-{i}" if explicit_ids else None, sampling)
+            reply = await stream.text()
+            records.append((prompt, sampling, stream.token_ids))
+            history.append({"role": "assistant", "content": reply})
+
+    await asyncio.wait_for(asyncio.gather(*(conversation(i) for i in range(n_convs))), 120)
+    return records
+
+
+def assert_matches_reference(loaded: LoadedModel, records: list) -> None:
+    eos = loaded.tokenizer.eos_token_ids
+    for prompt, sampling, generated in records:
+        expected = reference_generate(loaded.model, prompt, sampling, eos)
+        assert generated == expected
+
+
+PRESSURES = {
+    # name: (device tokens, host tokens, mode); prompts reach ~250 tokens
+    "no-eviction": (8192, 8192, "stateful"),
+    "swap-only": (512, 8192, "stateful"),
+    "swap-and-drop": (384, 96, "stateful"),
+    "device-only": (384, 0, "device-only"),
+}
+
+
+@pytest.mark.parametrize("pressure", list(PRESSURES))
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_stateful_equals_stateless_under_pressure(
+    tiny: LoadedModel, pressure: str, seed: int
+) -> None:
+    device, host, mode = PRESSURES[pressure]
+    config = EngineConfig(
+        block_size=16,
+        device_cache_tokens=device,
+        host_cache_tokens=host,
+        mode=mode,
+        max_batch_tokens=64,
+        profile_cost=False,
+    )
+    async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
+        records = await replay(engine, n_convs=4, turns=4, seed=seed, explicit_ids=seed == 1)
+        stats = engine.stats()
+        engine.check_accounting()
+        assert all(not c.active for c in engine.conversations())
+    assert_matches_reference(tiny, records)
+    later = [r for r in records if len(r[0]) > 60]
+    assert later, "the replay should build up history"
+    if pressure == "no-eviction":
+        assert stats.cached_tokens_total > 0 and stats.swap_out_blocks_total == 0
+    if pressure == "swap-only":
+        assert stats.swap_out_blocks_total > 0 and stats.dropped_tokens_total == 0
+    if pressure in ("swap-and-drop", "device-only"):
+        assert stats.dropped_tokens_total > 0 and stats.recomputed_tokens_total > 0
+
+
+async def test_cancel_mid_stream_frees_everything(tiny: LoadedModel) -> None:
+    config = EngineConfig(
+        block_size=16, device_cache_tokens=512, host_cache_tokens=512, profile_cost=False
+    )
+    async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
+        sampling = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        stream = engine.chat([{"role": "user", "content": "tell me a long story"}], "c", sampling)
+        async for _ in stream:
+            if len(stream.token_ids) >= 5:
+                break
+        await stream.aclose()
+        assert stream.finish_reason == "cancelled"
+        engine.check_accounting()
+        info = engine.conversation("c")
+        assert not info.active
+        assert engine.blocks_in_use() == -(-info.tokens_total // 16)
+        await engine.delete_conversation("c")
+        assert engine.blocks_in_use() == 0
+
+
+async def test_stateless_mode_forgets(tiny: LoadedModel) -> None:
+    config = EngineConfig(block_size=16, mode="stateless", profile_cost=False)
+    async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
+        records = await replay(engine, n_convs=2, turns=2, seed=3, explicit_ids=False)
+        assert engine.stats().cached_tokens_total == 0
+        assert engine.blocks_in_use() == 0 and engine.conversations() == []
+    assert_matches_reference(tiny, records)

@@ -1,0 +1,160 @@
+"""Request decoding and response encoding of the OpenAI wire format, without an engine."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from pensieve.errors import InvalidRequestError
+from pensieve.server.openai_schema import (
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    PromptTokensDetails,
+    UsageInfo,
+    check_conversation_id,
+    decode_chat_request,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"messages": USER, **fields}).encode()
+
+
+def rejects(raw: bytes) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat_request(raw).sampling_params()
+    return info.value
+
+
+def test_minimal_request_gets_openai_defaults() -> None:
+    req = decode_chat_request(body())
+    params = req.sampling_params()
+    assert req.model is None and not req.stream
+    assert params.temperature == 1.0 and params.top_p == 1.0 and params.top_k == 0
+    assert params.max_tokens is None and params.stop == [] and not params.ignore_eos
+    assert req.engine_messages() == [{"role": "user", "content": "hi"}]
+
+
+def test_sampling_fields_map_onto_sampling_params() -> None:
+    req = decode_chat_request(
+        body(temperature=0, top_p=0.5, top_k=7, seed=3, stop="\n", max_tokens=9, ignore_eos=True)
+    )
+    params = req.sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.0, 0.5, 7, 3)
+    assert params.stop == ["\n"] and params.max_tokens == 9 and params.ignore_eos
+
+
+def test_max_completion_tokens_wins_and_min_tokens_equal_pins_length() -> None:
+    params = decode_chat_request(
+        body(max_tokens=50, max_completion_tokens=5, min_tokens=5)
+    ).sampling_params()
+    assert params.max_tokens == 5 and params.ignore_eos
+    # a smaller min_tokens is accepted and ignored (documented)
+    params = decode_chat_request(body(max_tokens=8, min_tokens=2)).sampling_params()
+    assert params.max_tokens == 8 and not params.ignore_eos
+
+
+def test_content_parts_pass_through_and_null_assistant_content() -> None:
+    req = decode_chat_request(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "developer", "content": "be brief"},
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                    },
+                    {"role": "assistant", "content": None},
+                ]
+            }
+        ).encode()
+    )
+    assert req.engine_messages() == [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "needle"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"", None, "not valid JSON"),
+        (b"[]", None, "Expected `object`"),
+        (b"{}", "messages", "missing required field"),
+        (json.dumps({"messages": []}).encode(), "messages", "must not be empty"),
+        (json.dumps({"messages": [{"content": "x"}]}).encode(), "messages[0].role", "missing"),
+        (
+            json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            "messages[0].role",
+            "wizard",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(),
+            "messages[0].content",
+            "Expected",
+        ),
+        (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages[0].content", "required"),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+            ).encode(),
+            "messages[0].content[0].type",
+            "image_url",
+        ),
+        (body(temperature="hot"), "temperature", "Expected"),
+        (body(max_tokens=1.5), "max_tokens", "Expected"),
+        (body(stream="yes"), "stream", "Expected"),
+        (body(temperature=3), "temperature", "between 0 and 2"),
+        (body(top_p=0), "top_p", "(0, 1]"),
+        (body(top_k=-1), "top_k", ">= 0"),
+        (body(max_tokens=0), "max_tokens", ">= 1"),
+        (body(max_completion_tokens=-2), "max_completion_tokens", ">= 1"),
+        (body(min_tokens=9, max_tokens=3), "min_tokens", "between 0 and max_tokens"),
+        (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+        (body(stop=[""]), "stop", "non-empty"),
+        (body(n=2), "n", "n must be 1"),
+        (body(presence_penalty=0.5), "presence_penalty", "not supported"),
+        (body(logprobs=True), "logprobs", "not supported"),
+        (body(stream_options={"include_usage": True}), "stream_options", "stream is true"),
+    ],
+)
+def test_bad_requests_name_the_field(raw: bytes, param: str | None, needle: str) -> None:
+    err = rejects(raw)
+    assert err.status == 400 and err.param == param
+    assert needle in err.message
+    assert set(err.to_openai()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_conversation_ids_must_be_url_safe() -> None:
+    assert check_conversation_id("conv-1.a_b:c", "conversation_id") == "conv-1.a_b:c"
+    assert check_conversation_id(None, "X-Session-ID") is None
+    for bad in ("", "a/b", "x" * 129, "a b"):
+        with pytest.raises(InvalidRequestError) as info:
+            check_conversation_id(bad, "X-Session-ID")
+        assert info.value.param == "X-Session-ID"
+
+
+def test_chunks_encode_like_openai() -> None:
+    usage = UsageInfo(3, 2, 5, PromptTokensDetails(cached_tokens=1))
+    first = ChatCompletionChunk(
+        id="c",
+        created=1,
+        model="m",
+        conversation_id="k",
+        choices=[ChunkChoice(Delta(role="assistant", content=""))],
+    )
+    last = ChatCompletionChunk(
+        id="c", created=1, model="m", conversation_id="k", choices=[], usage=usage
+    )
+    a, b = (msgspec.json.decode(msgspec.json.encode(x)) for x in (first, last))
+    assert a["object"] == "chat.completion.chunk"
+    assert a["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert a["choices"][0]["finish_reason"] is None and a["usage"] is None
+    assert b["choices"] == [] and b["usage"]["prompt_tokens_details"] == {"cached_tokens": 1}

@@ -1,0 +1,175 @@
+"""The scheduler in isolation: fake executor and swapper, fake clock-free cost, real cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pensieve.actors.base import Actor, Replies
+from pensieve.actors.scheduler import Scheduler
+from pensieve.cache import TieredCache
+from pensieve.config import EngineConfig
+from pensieve.messages import Cancel, StepPlan, StepResult, Submit, SwapDone, SwapOrder, TokenEvent
+from pensieve.policy import CostModel
+from pensieve.sampling import SamplingParams
+from pensieve.stats import Counters
+
+EOS = 0
+
+
+class FakeExecutor(Actor):
+    """Samples (last input token + 1) for every sequence that asks; records each plan."""
+
+    def __init__(self, replies: Replies):
+        super().__init__()
+        self.replies = replies
+        self.plans: list[StepPlan] = []
+
+    async def handle(self, message: StepPlan | list[int]) -> None:
+        if isinstance(message, list):
+            return
+        self.plans.append(message)
+        sampled = {r.request_id: r.tokens[-1] % 1000 + 1 for r in message.rows if r.sample}
+        self.replies.resolve(message.reply_to, StepResult(message.step_id, sampled, 0.0))
+
+
+class FakeSwapper(Actor):
+    def __init__(self, replies: Replies):
+        super().__init__()
+        self.replies = replies
+        self.orders: list[SwapOrder] = []
+
+    async def handle(self, message: SwapOrder) -> None:
+        self.orders.append(message)
+        self.replies.resolve(message.ticket, SwapDone(message.ticket, len(message.pairs), 0.0))
+
+
+class Sink(Actor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: dict[int, list[TokenEvent]] = {}
+        self.finished: dict[int, asyncio.Event] = {}
+
+    def done(self, rid: int) -> asyncio.Event:
+        return self.finished.setdefault(rid, asyncio.Event())
+
+    async def handle(self, message: TokenEvent) -> None:
+        self.events.setdefault(message.request_id, []).append(message)
+        if message.finish_reason is not None:
+            self.done(message.request_id).set()
+
+
+class Harness:
+    def __init__(self, **overrides: object):
+        cfg = EngineConfig(
+            block_size=4,
+            device_cache_tokens=64,
+            host_cache_tokens=64,
+            max_batch_tokens=16,
+            profile_cost=False,
+        )
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        self.cache = TieredCache(
+            cfg.block_size,
+            cfg.device_cache_tokens // cfg.block_size,
+            cfg.host_cache_tokens // cfg.block_size,
+            CostModel.linear(),
+        )
+        replies = Replies()
+        self.scheduler = Scheduler(self.cache, cfg, 10_000, frozenset({EOS}), replies, Counters())
+        self.executor, self.swapper, self.sink = FakeExecutor(replies), FakeSwapper(replies), Sink()
+        self.scheduler.connect(self.executor, self.swapper, self.sink)
+        self._next = 0
+
+    async def __aenter__(self) -> Harness:
+        for actor in (self.executor, self.swapper, self.sink, self.scheduler):
+            actor.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for actor in (self.scheduler, self.executor, self.swapper, self.sink):
+            await actor.stop()
+
+    def submit(self, cid: str, prompt: list[int], max_tokens: int = 3) -> int:
+        self._next += 1
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
+        self.scheduler.send(Submit(self._next, cid, prompt, sampling))
+        return self._next
+
+    async def wait(self, *rids: int) -> None:
+        await asyncio.wait_for(asyncio.gather(*(self.sink.done(r).wait() for r in rids)), 10)
+
+    def tokens(self, rid: int) -> list[int]:
+        return [t for e in self.sink.events[rid] for t in e.tokens]
+
+
+async def test_no_step_exceeds_budget_and_long_prompts_are_chunked() -> None:
+    async with Harness() as h:
+        short = h.submit("a", [5, 6, 7], max_tokens=8)
+        long = h.submit("b", list(range(10, 50)), max_tokens=2)
+        await h.wait(short, long)
+        assert all(sum(len(r.tokens) for r in p.rows) <= 16 for p in h.executor.plans)
+        prefill_steps = [
+            p
+            for p in h.executor.plans
+            if any(r.request_id == long and len(r.tokens) > 1 for r in p.rows)
+        ]
+        assert len(prefill_steps) >= 3  # 40 tokens over a 16-token budget
+        # the running decode kept flowing while the long prompt was prefilled
+        assert all(any(r.request_id == short for r in p.rows) for p in prefill_steps[1:2])
+        assert h.tokens(short) == [8, 9, 10, 11, 12, 13, 14, 15]
+        h.cache.check()
+
+
+async def test_second_turn_reuses_first_turn_cache() -> None:
+    async with Harness() as h:
+        first = h.submit("c", [1, 2, 3, 4, 5])
+        await h.wait(first)
+        reply = h.tokens(first)
+        second = h.submit("c", [1, 2, 3, 4, 5, *reply, 77, 78])
+        await h.wait(second)
+        usage = h.sink.events[second][-1].usage
+        assert usage.cached_tokens == 5 + len(reply) - 1  # the last reply token had no KV yet
+        h.cache.check()
+
+
+async def test_swap_out_ahead_starts_at_threshold() -> None:
+    # 16 device blocks, threshold 25% = 4 blocks
+    async with Harness(max_batch_tokens=64) as h:
+        rid = h.submit("x", list(range(1, 30)), max_tokens=1)  # 8 blocks, 8 free after
+        await h.wait(rid)
+        assert h.swapper.orders == []
+        rid = h.submit("y", list(range(100, 121)), max_tokens=1)  # 6 more: 2 free < 4
+        await h.wait(rid)
+        outs = [o for o in h.swapper.orders if o.direction == "out"]
+        assert outs and sum(len(o.pairs) for o in outs) == 2
+        x = h.cache.conversations["x"]
+        assert x.chunks[0].host is not None and x.chunks[0].device is not None  # lazy
+        h.cache.check()
+
+
+async def test_pressure_suspends_newest_and_everything_finishes() -> None:
+    async with Harness(
+        device_cache_tokens=32, host_cache_tokens=64, max_batch_tokens=32, decode_reserve=0.0
+    ) as h:
+        rids = [h.submit(f"c{i}", [i + 1] * 6, max_tokens=12) for i in range(3)]
+        await h.wait(*rids)
+        for rid in rids:
+            assert h.sink.events[rid][-1].finish_reason == "length"
+            assert len(h.tokens(rid)) == 12
+        assert h.scheduler.counters.preemptions > 0  # 15 blocks needed, 8 exist
+        h.cache.check()
+
+
+async def test_cancel_frees_blocks_at_once() -> None:
+    async with Harness() as h:
+        rid = h.submit("z", [3, 4, 5], max_tokens=10_000)
+        while rid not in h.sink.events:
+            await asyncio.sleep(0.001)
+        h.scheduler.send(Cancel(rid, "cancelled"))
+        await h.wait(rid)
+        assert h.sink.events[rid][-1].finish_reason == "cancelled"
+        conv = h.cache.conversations["z"]
+        assert conv.owner is None and not conv.running
+        assert h.cache.device.num_used == -(-len(conv.tokens) // 4)
+        h.cache.check()
