@@ -238,12 +238,12 @@ class Scheduler(Actor):
             ok = need <= self.cache.device.num_blocks and await self._make_room(need + reserve)
             conv.running = False
             if not ok:
+                self.waiting.appendleft(seq)  # _finish expects it queued
                 if need > self.cache.device.num_blocks or (not self.running and not rows):
                     self._finish(
                         seq, "error", error="the device cache is too small for this prompt"
                     )
                     continue
-                self.waiting.appendleft(seq)
                 break
             adm = self.cache.admit(seq.conversation_id, target)
             seq.pending = adm.pending

@@ -337,25 +337,19 @@ class TieredCache:
         return out
 
     def drop_leading(self, n: int) -> int:
-        """Drop up to n leading device chunks with no host copy (no host tier, or it is full)."""
-        dropped = 0
-        for cand in self._ranked(
-            lambda conv: (
-                (conv.dropped, 1)
-                if conv.dropped < len(conv.chunks)
-                and conv.chunks[conv.dropped].host is None
-                and conv.chunks[conv.dropped].device is not None
-                else (0, 0)
+        """Drop up to n leading device chunks that have no host copy (no host tier, or it is
+        full), lowest value first."""
+        ranked = self._ranked(
+            lambda conv: self._run(
+                conv, lambda c: c.device is not None and c.host is None, conv.dropped
             )
-        ):
-            if dropped >= n:
-                break
+        )
+        for cand in ranked[:n]:
             conv = self.conversations[cand.conversation_id]
-            self._free_chunk(conv.chunks[conv.dropped])
-            conv.dropped += 1
-            dropped += 1
-        self.dropped_chunks += dropped
-        return dropped
+            self._free_chunk(conv.chunks[cand.chunk])
+            conv.dropped = cand.chunk + 1
+        self.dropped_chunks += min(n, len(ranked))
+        return min(n, len(ranked))
 
     # ---- accounting ----------------------------------------------------------------------
 

@@ -154,6 +154,8 @@ class Engine:
                 else CostModel.linear()
             )
         device_blocks = max(1, cfg.device_cache_tokens // cfg.block_size)
+        # A conversation must fit the device tier whole while it runs.
+        self.max_context = min(self.max_context, device_blocks * cfg.block_size)
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
         pool_args = (
             mc.num_hidden_layers,

@@ -130,7 +130,7 @@ async def test_cancel_mid_stream_frees_everything(tiny: LoadedModel) -> None:
         block_size=16, device_cache_tokens=512, host_cache_tokens=512, profile_cost=False
     )
     async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
-        sampling = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        sampling = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
         stream = engine.chat([{"role": "user", "content": "tell me a long story"}], "c", sampling)
         async for _ in stream:
             if len(stream.token_ids) >= 5:
