@@ -152,3 +152,27 @@ async def test_stateless_mode_forgets(tiny: LoadedModel) -> None:
         assert engine.stats().cached_tokens_total == 0
         assert engine.blocks_in_use() == 0 and engine.conversations() == []
     assert_matches_reference(tiny, records)
+
+
+async def test_default_model_stateful_equals_stateless_with_swaps_and_drops(
+    default_model_dir: Path,
+) -> None:
+    """The real SmolLM2 weights, float32: cached, swapped and dropped turns keep their tokens."""
+    from pensieve.runtime import load_pretrained
+
+    base = EngineConfig(model=str(default_model_dir), dtype="float32", device="cpu")
+    loaded = load_pretrained(base)
+    config = EngineConfig(
+        block_size=16,
+        device_cache_tokens=320,
+        host_cache_tokens=64,
+        max_batch_tokens=96,
+        profile_cost=False,
+    )
+    async with Engine(config, loaded=loaded, cost_model=CostModel.linear()) as engine:
+        records = await replay(engine, n_convs=3, turns=3, seed=5, explicit_ids=False)
+        stats = engine.stats()
+        engine.check_accounting()
+    assert stats.cached_tokens_total > 0 and stats.swap_out_blocks_total > 0
+    assert stats.dropped_tokens_total > 0
+    assert_matches_reference(loaded, records)
