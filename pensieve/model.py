@@ -172,9 +172,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 (or AMX) CPUs run torch's bfloat16 matmuls fast; older ones emulate them slowly."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in capability or "AMX" in capability
+    """True where the CPU has bfloat16 dot products (AVX512-BF16 or AMX). Without them torch
+    emulates bfloat16 matmuls, which measured 3x slower than float32 on an AVX-512 CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_device(name: str) -> torch.device:

@@ -71,7 +71,8 @@ class PagedAttentionBackend:
             self.wait_for_layer(layer)
         k_cache, v_cache = self.pool.keys[layer], self.pool.values[layer]
         m = self.meta
-        kernels.write_kv(k, v, k_cache, v_cache, m.slot_mapping)
+        check = layer == 0  # the metadata is the same for every layer: validate it once a step
+        kernels.write_kv(k, v, k_cache, v_cache, m.slot_mapping, validate=check)
         return kernels.paged_attention(
             q,
             k_cache,
@@ -81,4 +82,5 @@ class PagedAttentionBackend:
             m.positions,
             m.context_lens,
             1.0 / math.sqrt(q.shape[-1]),
+            validate=check,
         )

@@ -232,7 +232,7 @@ def test_engine_factory_loads_the_model_once(tmp_path, monkeypatch):
     class Engine:
         def __init__(self, config, *, loaded=None, cost_model=None):
             made.append((config.mode, loaded, cost_model))
-            self._loaded, self._cost_model = loaded or "model", cost_model or "cost"
+            self.loaded, self.cost_model = loaded or "model", cost_model or "cost"
 
         async def __aenter__(self):
             return self
