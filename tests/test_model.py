@@ -73,3 +73,20 @@ def test_incremental_decoding_equals_one_pass() -> None:
         for a, b in [(0, 17), (17, 18), (18, 30)]
     ]
     torch.testing.assert_close(torch.cat(pieces), full, atol=1e-4, rtol=1e-4)
+
+
+def test_logits_match_transformers_on_the_default_model(default_model_dir) -> None:
+    """Our forward on the dequantized SmolLM2 weights against transformers' own Llama."""
+    from pensieve.config import EngineConfig
+    from pensieve.runtime import load_pretrained
+
+    ours = load_pretrained(EngineConfig(model=str(default_model_dir), dtype="float32")).model
+    hf = transformers.LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    ids = torch.randint(
+        0, ours.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits[0]
+    hidden = ours(ids[0], torch.arange(48), ContiguousKV(ours.config.num_hidden_layers))
+    torch.testing.assert_close(ours.logits(hidden), expected, atol=2e-3, rtol=1e-3)
+    assert torch.equal(ours.logits(hidden).argmax(-1), expected.argmax(-1))
