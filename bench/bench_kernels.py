@@ -3,7 +3,9 @@
 Batch 32 x 8 query tokens (and 32 x 1, decode) over cached contexts of 256..2048 tokens, default
 model head layout (9 query heads, 3 KV heads, head dim 64), block tables shuffled. Compared:
   paged     the Numba CPU kernel reading the paged pool in place (what the engine runs);
-  contig    torch SDPA on the same K/V already laid out contiguously [B, H, S, D] (the ideal);
+  contig    torch SDPA on the same K/V already laid out contiguously [B, Hkv, S, D] (the ideal),
+            in its fastest form here: the GQA group folded into the query rows;
+  gqa       the same SDPA called the usual way, [B, Hq, n, D] queries with enable_gqa=True;
   copy      gather the context out of the pool, then the same SDPA (copy-then-attend);
   1-by-1    the paged kernel called once per query token (no multi-input support).
 Run: python -m pensieve.bench.bench_kernels [--repeat N] [--dtype float32|bfloat16|both]
@@ -21,109 +23,138 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.kernels.cpu_attention import paged_attention_cpu
+from pensieve.kernels.testing import make_paged_case
 
 HQ, HKV, D = 9, 3, 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _time_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of `repeat` calls after one warm-up call (JIT, caches, page faults)."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _time_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median wall time per call; the methods take turns so that load drifts hit all alike."""
+    for fn in fns.values():  # warm-up: JIT, caches, page faults
         fn()
-        samples.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
 
 
 class Case:
     """One batch: a shuffled paged pool plus the same K/V laid out contiguously."""
 
     def __init__(self, batch: int, queries: int, past: int, block_size: int, dtype: torch.dtype):
-        gen = torch.Generator().manual_seed(past * 131 + queries)
         self.ctx = past + queries
         self.queries = queries
-        nblk = -(-self.ctx // block_size)
-        num_blocks = batch * nblk
-        self.k_cache = torch.randn(num_blocks, block_size, HKV, D, generator=gen).to(dtype)
-        self.v_cache = torch.randn(num_blocks, block_size, HKV, D, generator=gen).to(dtype)
-        perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-        self.tables = perm.view(batch, nblk).contiguous()
-        self.q = torch.randn(batch * queries, HQ, D, generator=gen).to(dtype)
-        self.starts = torch.arange(0, batch * queries + 1, queries, dtype=torch.int32)
-        self.positions = (torch.arange(queries, dtype=torch.int32) + past).repeat(batch)
-        self.context_lens = torch.full((batch,), self.ctx, dtype=torch.int32)
-        self.scale = 1.0 / math.sqrt(D)
-        # the contiguous ideal: [B, Hkv, S, D] and query-major [B, Hq, n, D]
-        self.k_contig = self.gather(self.k_cache)
-        self.v_contig = self.gather(self.v_cache)
-        self.q_contig = self.q.view(batch, queries, HQ, D).transpose(1, 2).contiguous()
-        visible = torch.arange(self.ctx)[None, :] <= self.positions[:queries, None]
-        self.mask = None if bool(visible.all()) else visible
+        seqs = [(self.ctx, list(range(past, self.ctx)))] * batch
+        self.paged_case = make_paged_case(
+            seqs, hq=HQ, hkv=HKV, d=D, block_size=block_size, dtype=dtype, seed=past + queries
+        )
+        pc = self.paged_case
+        # the contiguous ideal, in SDPA's fastest form here (measured): the GQA group folded
+        # into the query rows, [B, Hkv, group * n, D] against K/V [B, Hkv, S, D]
+        group = HQ // HKV
+        self.k_contig = self.gather(pc.k_cache)
+        self.v_contig = self.gather(pc.v_cache)
+        self.q_contig = pc.q.view(batch, queries, HKV, group, D).permute(0, 2, 3, 1, 4)
+        self.q_contig = self.q_contig.reshape(batch, HKV, group * queries, D).contiguous()
+        visible = torch.arange(self.ctx)[None, :] <= pc.query_positions[:queries, None]
+        self.mask = None if bool(visible.all()) else visible.repeat(group, 1)
 
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
         """Copy every sequence's context out of the pool: [B, Hkv, S, D]."""
-        batch, nblk = self.tables.shape
-        rows = cache[self.tables.long()].view(batch, nblk * cache.shape[1], HKV, D)
+        tables = self.paged_case.block_tables[:, :-1].long()  # the last column is padding
+        batch, nblk = tables.shape
+        rows = cache[tables].view(batch, nblk * cache.shape[1], HKV, D)
         return rows[:, : self.ctx].transpose(1, 2).contiguous()
 
     def sdpa(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(
-            self.q_contig, k, v, attn_mask=self.mask, scale=self.scale, enable_gqa=True
+            self.q_contig, k, v, attn_mask=self.mask, scale=self.paged_case.scale
         )
 
+    def unfold(self, out: torch.Tensor) -> torch.Tensor:
+        """SDPA's [B, Hkv, group * n, D] back to the kernel's [B * n, Hq, D]."""
+        batch = out.shape[0]
+        out = out.view(batch, HKV, HQ // HKV, self.queries, D).permute(0, 3, 1, 2, 4)
+        return out.reshape(batch * self.queries, HQ, D)
+
     def paged(self) -> torch.Tensor:
-        return paged_attention_cpu(
-            self.q, self.k_cache, self.v_cache, self.tables, self.starts, self.positions,
-            self.context_lens, self.scale, validate=False,
-        )
+        return paged_attention_cpu(*self.paged_case.args(), validate=False)
 
     def contiguous(self) -> torch.Tensor:
         return self.sdpa(self.k_contig, self.v_contig)
 
+    def contiguous_gqa(self) -> torch.Tensor:
+        pc = self.paged_case
+        batch = pc.block_tables.shape[0]
+        q = pc.q.view(batch, self.queries, HQ, D).transpose(1, 2)
+        mask = None if self.mask is None else self.mask[: self.queries]
+        return F.scaled_dot_product_attention(
+            q, self.k_contig, self.v_contig, attn_mask=mask, scale=pc.scale, enable_gqa=True
+        )
+
     def copy_then_attend(self) -> torch.Tensor:
-        return self.sdpa(self.gather(self.k_cache), self.gather(self.v_cache))
+        return self.sdpa(self.gather(self.paged_case.k_cache), self.gather(self.paged_case.v_cache))
 
     def one_by_one(self) -> list[torch.Tensor]:
         """Each query token in its own call, as a kernel without multi-input support must."""
-        batch = self.tables.shape[0]
+        pc = self.paged_case
+        batch = pc.block_tables.shape[0]
         ones = torch.arange(batch + 1, dtype=torch.int32)
         outs = []
         for i in range(self.queries):
             rows = torch.arange(batch) * self.queries + i
-            outs.append(paged_attention_cpu(
-                self.q[rows], self.k_cache, self.v_cache, self.tables, ones,
-                self.positions[rows], self.context_lens, self.scale, validate=False,
-            ))
+            outs.append(
+                paged_attention_cpu(
+                    pc.q[rows],
+                    pc.k_cache,
+                    pc.v_cache,
+                    pc.block_tables,
+                    ones,
+                    pc.query_positions[rows],
+                    pc.context_lens,
+                    pc.scale,
+                    validate=False,
+                )
+            )
         return outs
 
 
 def run(repeat: int, dtypes: list[str], block_size: int, batch: int) -> list[str]:
     """Time every method on every case; return the markdown table's lines."""
-    head = ("| dtype | queries | past | paged ms | contig ms | copy ms | 1-by-1 ms "
-            "| paged/contig | copy/contig | 1-by-1/contig |")
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| dtype | queries | past | paged ms | contig ms | gqa ms | copy ms | 1-by-1 ms "
+        "| paged/contig | paged/gqa | copy/contig | 1-by-1/contig |"
+    )
+    lines = [head, "|" + "---|" * 12]
     print("\n".join(lines), flush=True)
     for name in dtypes:
         for queries in (8, 1):
             for past in (256, 512, 1024, 2048):
                 case = Case(batch, queries, past, block_size, DTYPES[name])
-                ref = case.contiguous().transpose(1, 2).reshape(case.q.shape).float()
+                ref = case.unfold(case.contiguous()).float()
                 err = (case.paged().float() - ref).abs().max().item()
                 if err > 2e-2:
                     raise AssertionError(f"paged kernel disagrees with SDPA by {err}")
-                t = {
-                    "paged": _time_ms(case.paged, repeat),
-                    "contig": _time_ms(case.contiguous, repeat),
-                    "copy": _time_ms(case.copy_then_attend, repeat),
-                    "one": _time_ms(case.one_by_one, repeat) if queries > 1 else math.nan,
+                fns = {
+                    "paged": case.paged,
+                    "contig": case.contiguous,
+                    "gqa": case.contiguous_gqa,
+                    "copy": case.copy_then_attend,
                 }
+                if queries > 1:
+                    fns["one"] = case.one_by_one
+                t = {"one": math.nan, **_time_ms(fns, repeat)}
                 c = t["contig"]
+                one = "-" if math.isnan(t["one"]) else f"{t['one']:.2f}"
+                one_ratio = "-" if math.isnan(t["one"]) else f"{t['one'] / c:.2f}"
                 lines.append(
                     f"| {name} | {batch}x{queries} | {past} | {t['paged']:.2f} | {c:.2f} "
-                    f"| {t['copy']:.2f} | {t['one']:.2f} | {t['paged'] / c:.2f} "
-                    f"| {t['copy'] / c:.2f} | {t['one'] / c:.2f} |"
+                    f"| {t['gqa']:.2f} | {t['copy']:.2f} | {one} | {t['paged'] / c:.2f} "
+                    f"| {t['paged'] / t['gqa']:.2f} | {t['copy'] / c:.2f} | {one_ratio} |"
                 )
                 print(lines[-1], flush=True)
     return lines
@@ -137,8 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"block size {args.block_size}, median of {args.repeat}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"block size {args.block_size}, median of {args.repeat}\n"
+    )
     run(args.repeat, dtypes, args.block_size, args.batch)
 
 

@@ -1,9 +1,10 @@
 """Kernels of the paged KV cache: `write_kv` and `paged_attention`, dispatched by device.
 
 CUDA tensors run the Numba CUDA kernels (`cuda_attention`), CPU tensors the Numba CPU kernel
-(`cpu_attention`); `reference` holds the torch oracle. The CUDA module is imported on first use
-only, so CPU-only processes never import numba.cuda (and a test process may still switch on the
-CUDA simulator before it does).
+(`cpu_attention`, which hands sequences with many query rows to gather + torch SDPA in
+`cpu_sdpa`, faster there); `reference` holds the torch oracle, `testing` builds test inputs.
+The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
+(and a test process may still switch on the CUDA simulator before it does).
 """
 
 from __future__ import annotations

@@ -126,8 +126,9 @@ def check_paged_attention(
         query_positions=query_positions,
         context_lens=context_lens,
     )
-    _check_values(block_tables, query_start, query_positions, context_lens, num_blocks,
-                  block_size, t)
+    _check_values(
+        block_tables, query_start, query_positions, context_lens, num_blocks, block_size, t
+    )
 
 
 def _check_values(
@@ -144,18 +145,21 @@ def _check_values(
     n_queries = query_start[1:] - query_start[:-1]
     needed = (context_lens + block_size - 1) // block_size
     cols = torch.arange(max_blocks, device=block_tables.device, dtype=torch.int32)
-    bad_block = (cols[None, :] < needed[:, None]) & ((block_tables < 0) | (block_tables >= num_blocks))
+    out_of_range = (block_tables < 0) | (block_tables >= num_blocks)
+    bad_block = (cols[None, :] < needed[:, None]) & out_of_range
     zero = torch.zeros((), dtype=torch.bool, device=query_start.device)
-    flags = torch.stack([
-        query_start[0] != 0,
-        query_start[-1] != t,
-        (n_queries < 0).any() if n_queries.numel() else zero,
-        (context_lens < 0).any() if context_lens.numel() else zero,
-        (context_lens > max_blocks * block_size).any() if context_lens.numel() else zero,
-        (query_positions < 0).any() if query_positions.numel() else zero,
-        ((n_queries > 0) & (context_lens == 0)).any() if context_lens.numel() else zero,
-        bad_block.any() if bad_block.numel() else zero,
-    ]).tolist()
+    flags = torch.stack(
+        [
+            query_start[0] != 0,
+            query_start[-1] != t,
+            (n_queries < 0).any() if n_queries.numel() else zero,
+            (context_lens < 0).any() if context_lens.numel() else zero,
+            (context_lens > max_blocks * block_size).any() if context_lens.numel() else zero,
+            (query_positions < 0).any() if query_positions.numel() else zero,
+            ((n_queries > 0) & (context_lens == 0)).any() if context_lens.numel() else zero,
+            bad_block.any() if bad_block.numel() else zero,
+        ]
+    ).tolist()
     if not any(flags):
         return
     qs = query_start.tolist()

@@ -10,9 +10,10 @@ The attention kernel reads the paged pool in place (no gather copy). Why it is s
 - rows in pairs x keys in fours, head dim innermost (contiguous, vectorised): each K/V load
   feeds several FMAs and the accumulator rows are stored a quarter as often;
 - the next block's rows are prefetched while this one is computed: the blocks of a sequence
-  lie anywhere in the pool, where the hardware prefetcher cannot follow (1.3-1.5x on decode);
-- bfloat16 and float16 pools are read as uint16 bits and widened to float32 once per key tile
-  (torch's bfloat16 SDPA is several times slower than float32 here).
+  lie anywhere in the pool, where the hardware prefetcher cannot follow;
+- bfloat16 and float16 pools are read as uint16 bits and widened to float32 once per key tile.
+Sequences with many query rows (prefill) go to `cpu_sdpa` instead, where torch's GEMMs win
+despite the copy (numbers there); decode and short query ranges stay here.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._args import check_paged_attention, check_write_kv
+from .cpu_sdpa import attend_sequence
 
 QUERY_ROWS = 48  # (query, head) rows per work item: queries per tile = QUERY_ROWS // group
+TORCH_MIN_QUERIES = 16  # sequences with this many query rows go to cpu_sdpa (measured there)
 _FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LOG2E = 1.4426950408889634
 _NEG = np.float32(-1e30)  # finite "minus infinity": fastmath assumes no infs
@@ -200,6 +203,10 @@ def _values_row(s, r, vs, vb, vh, acc, nv):
 @njit(**_FAST)
 def _softmax_step(s, r, nv, width, m, den, acc):
     """Online softmax over this tile's first nv scores of row r; zero the rest up to width."""
+    if nv <= 0:  # this row sees none of the tile's keys
+        for j in range(width):
+            s[r, j] = 0
+        return
     mx = m[r]
     for j in range(nv):
         mx = max(mx, s[r, j])
@@ -273,14 +280,14 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
 
 
 @njit(parallel=True, **_FAST)
-def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, out):
-    """Spread (sequence, query tile, KV head) work items over the cores."""
+def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, skip, out):
+    """Spread (sequence, query tile, KV head) work items over the cores; skip[b] != 0: none."""
     batch = tables.shape[0]
     hkv = kc.shape[2]
     group = q.shape[1] // hkv
     tile_start = np.zeros(batch + 1, np.int64)
     for b in range(batch):
-        n = starts[b + 1] - starts[b]
+        n = 0 if skip[b] else starts[b + 1] - starts[b]
         tile_start[b + 1] = tile_start[b] + (n + qtile - 1) // qtile
     for w in prange(tile_start[batch] * hkv):
         tile = w // hkv
@@ -307,35 +314,58 @@ def paged_attention_cpu(
     scale: float,
     *,
     validate: bool = True,
+    impl: str = "auto",
     query_tile: int | None = None,
 ) -> torch.Tensor:
-    """Paged multi-input attention on CPU tensors; see `pensieve.kernels.paged_attention`."""
+    """Paged multi-input attention on CPU tensors; see `pensieve.kernels.paged_attention`.
+
+    impl "auto" runs sequences with >= TORCH_MIN_QUERIES query rows through `cpu_sdpa` (gather
+    + torch SDPA) and the rest through the Numba kernel; "numba" or "sdpa" force one path.
+    """
     if validate:
         check_paged_attention(
             q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale
         )
-    qf = q.to(torch.float32).contiguous()
+    if impl not in ("auto", "numba", "sdpa"):
+        raise ValueError(f"impl must be 'auto', 'numba' or 'sdpa', got {impl!r}")
+    starts = query_start.tolist()
+    counts = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+    least = {"auto": TORCH_MIN_QUERIES, "numba": q.shape[0] + 1, "sdpa": 1}[impl]
+    skip = np.array([n >= least for n in counts], dtype=np.uint8)
     out = torch.empty(q.shape, dtype=torch.float32)
-    if q.shape[0]:
-        previous = get_parallel_chunksize()
-        set_parallel_chunksize(1)  # work items differ in cost: hand them out one by one
-        try:
-            _paged_attention(
-                qf.numpy(),
-                _pool_numpy(k_cache),
-                _pool_numpy(v_cache),
-                block_tables.contiguous().numpy(),
-                query_start.contiguous().numpy(),
-                query_positions.contiguous().numpy(),
-                context_lens.contiguous().numpy(),
-                np.float32(scale * _LOG2E),
-                _FORMAT[k_cache.dtype],
-                max(1, query_tile or QUERY_ROWS // (q.shape[1] // k_cache.shape[2])),
-                out.numpy(),
-            )
-        finally:
-            set_parallel_chunksize(previous)
-    return out if q.dtype == torch.float32 else out.to(q.dtype)
+    args = (q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale)
+    if q.shape[0] and not skip.all():
+        _run_kernel(args, query_tile, skip, out)
+    out = out if q.dtype == torch.float32 else out.to(q.dtype)
+    for b in np.flatnonzero(skip):
+        lo, hi = starts[b], starts[b + 1]
+        out[lo:hi] = attend_sequence(
+            q[lo:hi], k_cache, v_cache, block_tables[b], int(context_lens[b]),
+            query_positions[lo:hi], scale,
+        )  # fmt: skip
+    return out
+
+
+def _run_kernel(args: tuple, query_tile: int | None, skip: np.ndarray, out: torch.Tensor) -> None:
+    """The Numba kernel into the float32 `out` for every sequence not skipped."""
+    q, k_cache, v_cache, tables, starts, positions, context_lens, scale = args
+    group = q.shape[1] // k_cache.shape[2]
+    previous = get_parallel_chunksize()
+    set_parallel_chunksize(1)  # work items differ in cost: hand them out one by one
+    try:
+        _paged_attention(
+            q.to(torch.float32).contiguous().numpy(),
+            _pool_numpy(k_cache),
+            _pool_numpy(v_cache),
+            *(t.contiguous().numpy() for t in (tables, starts, positions, context_lens)),
+            np.float32(scale * _LOG2E),
+            _FORMAT[k_cache.dtype],
+            max(1, query_tile or QUERY_ROWS // group),
+            skip,
+            out.numpy(),
+        )
+    finally:
+        set_parallel_chunksize(previous)
 
 
 def write_kv_cpu(

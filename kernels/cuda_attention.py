@@ -246,13 +246,17 @@ def ptx_targets() -> list[tuple[str, Callable, str]]:
     for dt, (elem, _, _) in FORMATS.items():
         name = str(dt).removeprefix("torch.")
         store = f"{elem}[:, :, :, ::1]"
-        sig = (f"void({elem}[:, :, ::1], {store}, {store}, int32[:, ::1], int32[::1], "
-               f"int32[::1], int32[::1], {elem}[:, :, ::1], float32, int64, int64, int64)")
+        sig = (
+            f"void({elem}[:, :, ::1], {store}, {store}, int32[:, ::1], int32[::1], "
+            f"int32[::1], int32[::1], {elem}[:, :, ::1], float32, int64, int64, int64)"
+        )
         targets.append((f"paged_attention[{name}]", ATTENTION_SOURCES[dt], sig))
         bits = "int32" if elem == "float32" else "int16"
         for slot in ("int32", "int64"):
-            sig = (f"void({bits}[:, :, :], {bits}[:, :, :], {bits}[:, :, :, ::1], "
-                   f"{bits}[:, :, :, ::1], {slot}[:])")
+            sig = (
+                f"void({bits}[:, :, :], {bits}[:, :, :], {bits}[:, :, :, ::1], "
+                f"{bits}[:, :, :, ::1], {slot}[:])"
+            )
             targets.append((f"write_kv[{name},{slot}]", _write_kv, sig))
     return targets
 
@@ -312,14 +316,29 @@ def paged_attention_cuda(
     hkv = k_cache.shape[2]
     group = hq // hkv
     gsplit = min(group, MAX_ROWS)
-    qtile = max(1, min(MAX_ROWS // gsplit, query_tile or MAX_ROWS))
+    # queries per block: the batch's mean per sequence (known without a device sync), so a
+    # decode batch gets one query per block instead of mostly idle rows
+    qtile = max(1, min(MAX_ROWS // gsplit, query_tile or -(-t // max(batch, 1))))
     lanes = max(1, min(lanes or KEY_TILE, MAX_THREADS // (qtile * gsplit)))
     grid = (t // qtile + batch, hkv * -(-group // gsplit))
-    tensors = [_bits(q.contiguous()), _bits(k_cache), _bits(v_cache), block_tables.contiguous(),
-               query_start.contiguous(), query_positions.contiguous(), context_lens.contiguous()]
+    tensors = [
+        _bits(q.contiguous()),
+        _bits(k_cache),
+        _bits(v_cache),
+        block_tables.contiguous(),
+        query_start.contiguous(),
+        query_positions.contiguous(),
+        context_lens.contiguous(),
+    ]
     _launch(
-        _ATTENTION[q.dtype], grid, qtile * gsplit * lanes, [*tensors, _bits(out)],
-        np.float32(scale), qtile, gsplit, lanes,
+        _ATTENTION[q.dtype],
+        grid,
+        qtile * gsplit * lanes,
+        [*tensors, _bits(out)],
+        np.float32(scale),
+        qtile,
+        gsplit,
+        lanes,
     )
     return out
 

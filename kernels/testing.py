@@ -29,8 +29,16 @@ class PagedCase:
     scale: float
 
     def args(self) -> tuple:
-        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.query_start,
-                self.query_positions, self.context_lens, self.scale)
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.query_start,
+            self.query_positions,
+            self.context_lens,
+            self.scale,
+        )
 
 
 def make_paged_case(

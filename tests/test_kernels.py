@@ -39,19 +39,40 @@ def test_public_api_is_exactly_two_functions():
     assert kernels.__all__ == ["paged_attention", "write_kv"]
 
 
+@pytest.mark.parametrize("impl", ["auto", "numba", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(9, 3), (8, 8), (8, 1), (12, 4)])
-def test_random_mixed_batches(dtype, block_size, heads):
-    """Decode, prefill, history prefill, two ranges, shuffled and empty queries in one batch."""
+def test_random_mixed_batches(impl, dtype, block_size, heads):
+    """Decode, prefill, history prefill, two ranges, shuffled and empty queries in one batch.
+
+    "auto" sends sequences with many queries to gather + SDPA and the rest to the Numba
+    kernel; "numba" and "sdpa" check each path on every sequence.
+    """
     hq, hkv = heads
     seed = 1000 * DTYPES.index(dtype) + 10 * block_size + hq * hkv
     rng = random.Random(seed)
     for i in range(3):
         seqs = random_seqs(rng, rng.randint(1, 6), max_ctx=3 * block_size + 5)
-        case = make_paged_case(seqs, hq=hq, hkv=hkv, d=rng.choice([32, 64]),
-                               block_size=block_size, dtype=dtype, seed=seed + i)
-        assert_matches_reference(case)
+        case = make_paged_case(
+            seqs,
+            hq=hq,
+            hkv=hkv,
+            d=rng.choice([32, 64]),
+            block_size=block_size,
+            dtype=dtype,
+            seed=seed + i,
+        )
+        assert_matches_reference(case, impl=impl)
+
+
+@pytest.mark.parametrize("block_size", [5, 8, 48])
+def test_other_block_sizes(block_size):
+    """Block sizes that are not 16 or 32, or not a multiple of the kernel's 4-key step."""
+    seqs = random_seqs(random.Random(block_size), 5, max_ctx=4 * block_size)
+    case = make_paged_case(seqs, block_size=block_size, seed=block_size)
+    assert_matches_reference(case, impl="numba")
+    assert_matches_reference(case, impl="sdpa")
 
 
 @pytest.mark.parametrize("query_tile", [1, 3, 16, 64])
@@ -59,25 +80,36 @@ def test_query_tiles_split_anywhere(query_tile):
     """Tile boundaries inside one sequence's queries change nothing."""
     seqs = [(70, list(range(70))), (33, [32]), (50, list(range(10)) + list(range(40, 50)))]
     case = make_paged_case(seqs, block_size=16, seed=1)
-    assert_matches_reference(case, query_tile=query_tile)
+    assert_matches_reference(case, impl="numba", query_tile=query_tile)
 
 
-def test_two_query_ranges_over_one_context():
+@pytest.mark.parametrize("impl", ["numba", "sdpa"])
+def test_two_query_ranges_over_one_context(impl):
     """Dropped prefix 0..d-1 recomputed plus a new prompt c..c+n-1, sharing one context."""
     d, c, n = 20, 45, 7
     case = make_paged_case([(c + n, list(range(d)) + list(range(c, c + n)))], seed=2)
-    assert_matches_reference(case)
+    assert_matches_reference(case, impl=impl)
     # the dropped range sees only itself: the same as a sequence holding just those d tokens
     alone = dataclasses.replace(
-        case, q=case.q[:d], query_start=torch.tensor([0, d], dtype=torch.int32),
-        query_positions=case.query_positions[:d], context_lens=torch.tensor([d], dtype=torch.int32),
+        case,
+        q=case.q[:d],
+        query_start=torch.tensor([0, d], dtype=torch.int32),
+        query_positions=case.query_positions[:d],
+        context_lens=torch.tensor([d], dtype=torch.int32),
     )
-    torch.testing.assert_close(paged_attention(*case.args())[:d], paged_attention(*alone.args()))
+    whole = paged_attention_cpu(*case.args(), impl=impl)
+    torch.testing.assert_close(whole[:d], paged_attention_cpu(*alone.args(), impl=impl))
 
 
-def test_unsorted_positions_and_queries_past_the_context():
+@pytest.mark.parametrize("impl", ["numba", "sdpa"])
+def test_unsorted_positions_and_queries_past_the_context(impl):
     seqs = [(40, [39, 0, 17, 16, 31, 5]), (9, [100, 3])]  # position 100 sees all 9 keys
-    assert_matches_reference(make_paged_case(seqs, block_size=32, seed=3))
+    assert_matches_reference(make_paged_case(seqs, block_size=32, seed=3), impl=impl)
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl must be"):
+        paged_attention_cpu(*_good().args(), impl="gpu")
 
 
 def test_default_model_decode_batch_and_validate_flag():
@@ -122,10 +154,22 @@ def test_write_then_attend_round_trip():
     pos = torch.arange(40)
     slots = tables[0, pos // 16].long() * 16 + pos % 16
     write_kv(k, v, k_cache, v_cache, slots)
-    args = (q, k_cache, v_cache, tables, torch.tensor([0, 40], dtype=torch.int32),
-            pos.int(), torch.tensor([40], dtype=torch.int32), 0.35)
-    want = torch.softmax((q[:, 0] @ k[:, 0].T * 0.35).masked_fill(
-        pos[None, :] > pos[:, None], float("-inf")), -1) @ v[:, 0]
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        torch.tensor([0, 40], dtype=torch.int32),
+        pos.int(),
+        torch.tensor([40], dtype=torch.int32),
+        0.35,
+    )
+    want = (
+        torch.softmax(
+            (q[:, 0] @ k[:, 0].T * 0.35).masked_fill(pos[None, :] > pos[:, None], float("-inf")), -1
+        )
+        @ v[:, 0]
+    )
     torch.testing.assert_close(paged_attention(*args)[:, 0], want)
 
 
@@ -136,6 +180,7 @@ def _good():
 def _set(field, value):
     def mutate(case):
         setattr(case, field, value(case) if callable(value) else value)
+
     return mutate
 
 
@@ -154,16 +199,21 @@ BAD_ATTENTION = {
     "starts order": (_set("query_start", torch.tensor([0, 2, 1], dtype=I32)), "never decrease"),
     "starts begin": (_set("query_start", torch.tensor([1, 1, 3], dtype=I32)), "start at 0"),
     "positions dtype": (_set("query_positions", lambda c: c.query_positions.long()), "int32"),
-    "negative position": (_set("query_positions", torch.tensor([19, -1, 3], dtype=I32)),
-                          "must be >= 0"),
-    "context too long": (_set("context_lens", torch.tensor([20, 65], dtype=I32)),
-                         "max_blocks"),
+    "negative position": (
+        _set("query_positions", torch.tensor([19, -1, 3], dtype=I32)),
+        "must be >= 0",
+    ),
+    "context too long": (_set("context_lens", torch.tensor([20, 65], dtype=I32)), "max_blocks"),
     "negative context": (_set("context_lens", torch.tensor([-1, 35], dtype=I32)), "context_lens"),
     "empty context": (_set("context_lens", torch.tensor([0, 35], dtype=I32)), "nothing to attend"),
-    "block id range": (_set("block_tables", lambda c: c.block_tables.clone().fill_(9)),
-                       "not a block id"),
-    "padded block used": (_set("context_lens", torch.tensor([20, 49], dtype=I32)),
-                          r"block_tables\[1, 3\] = -1"),
+    "block id range": (
+        _set("block_tables", lambda c: c.block_tables.clone().fill_(9)),
+        "not a block id",
+    ),
+    "padded block used": (
+        _set("context_lens", torch.tensor([20, 49], dtype=I32)),
+        r"block_tables\[1, 3\] = -1",
+    ),
     "scale": (_set("scale", float("nan")), "scale"),
 }
 

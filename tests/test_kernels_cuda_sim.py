@@ -23,17 +23,29 @@ GQA = {"hq": 6, "hkv": 2, "d": 8}
 MIXED = [(37, [36]), (9, [2, 8, 5]), (0, []), (30, [0, 1, 2, 26, 27, 28, 29])]
 # name -> (dtype, make_paged_case kwargs, launch overrides)
 ATTENTION_CASES = {
-    **{f"mixed[{dt}]": (dt, {"seqs": MIXED, **GQA}, {"query_tile": 2, "lanes": 2})
-       for dt in DTYPES},
-    "default_heads_bs32": ("float32", {"seqs": [(40, [39]), (33, [10, 32])], "hq": 9, "hkv": 3,
-                                       "d": 16, "block_size": 32}, {"query_tile": 2, "lanes": 2}),
-    "group_split": ("float32", {"seqs": [(18, [17])], "hq": 34, "hkv": 1, "d": 4},
-                    {"query_tile": 1, "lanes": 1}),
-    "default_launch_shape": ("bfloat16", {"seqs": [(20, [19])], "hq": 3, "hkv": 3, "d": 8}, {}),
+    **{
+        f"mixed[{dt}]": (dt, {"seqs": MIXED, **GQA}, {"query_tile": 2, "lanes": 2}) for dt in DTYPES
+    },
+    "default_heads_bs32": (
+        "float32",
+        {"seqs": [(40, [39]), (33, [10, 32])], "hq": 9, "hkv": 3, "d": 16, "block_size": 32},
+        {"query_tile": 2, "lanes": 2},
+    ),
+    "group_split": (
+        "float32",
+        {"seqs": [(18, [17])], "hq": 34, "hkv": 1, "d": 4},
+        {"query_tile": 1, "lanes": 1},
+    ),
+    "default_launch_shape": (
+        "bfloat16",
+        {"seqs": [(20, [19]), (12, [3, 11, 7])], "hq": 3, "hkv": 3, "d": 8},
+        {},
+    ),
 }
 WRITE_CASES = [f"write_kv[{dt},{slot}]" for dt in DTYPES for slot in ("int32", "int64")]
 PTX_TARGETS = [
-    name for dt in DTYPES
+    name
+    for dt in DTYPES
     for name in (f"paged_attention[{dt}]", f"write_kv[{dt},int32]", f"write_kv[{dt},int64]")
 ]
 TOL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
@@ -57,7 +69,7 @@ def _sim_worker() -> dict:
         report[name] = {"err": err, "ok": err <= TOL[dt], "s": time.perf_counter() - t0}
     gen = torch.Generator().manual_seed(0)
     for name in WRITE_CASES:
-        dt, slot = name[len("write_kv["):-1].split(",")
+        dt, slot = name[len("write_kv[") : -1].split(",")
         caches = [torch.randn(3, 16, 2, 4, generator=gen).to(getattr(torch, dt)) for _ in "kv"]
         kv = torch.randn(5, 2, 12, generator=gen).to(getattr(torch, dt))
         k, v = kv[..., :4], kv[..., 4:8]  # strided views, as a fused projection gives
@@ -65,7 +77,8 @@ def _sim_worker() -> dict:
         want = [c.clone() for c in caches]
         write_kv_cuda(k, v, *caches, slots, threads=3)
         write_kv_reference(k, v, *want, slots)
-        report[name] = {"ok": all(torch.equal(a, b) for a, b in zip(caches, want)), "err": 0}
+        same = all(torch.equal(a, b) for a, b in zip(caches, want, strict=True))
+        report[name] = {"ok": same, "err": 0}
     case = make_paged_case([(5, [4])], d=160, seed=0)
     try:
         paged_attention_cuda(*case.args())
@@ -97,44 +110,54 @@ def _ptx_worker() -> dict:
     return report
 
 
-def _start(mode: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if mode == "sim":
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), mode], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Worker:
+    """This file run as a script in a subprocess; `report()` waits for its JSON answer."""
+
+    def __init__(self, mode: str):
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+        if mode == "sim":
+            env["NUMBA_ENABLE_CUDASIM"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._report: dict | None = None
+
+    def report(self) -> dict:
+        if self._report is None:
+            out, err = self.proc.communicate(timeout=600)
+            if self.proc.returncode != 0:
+                pytest.fail(f"worker failed ({self.proc.returncode}):\n{err[-4000:]}")
+            self._report = json.loads(out.strip().splitlines()[-1])
+        return self._report
 
 
 @pytest.fixture(scope="module")
-def workers() -> dict[str, subprocess.Popen]:
-    procs = {mode: _start(mode) for mode in ("sim", "ptx")}
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _report(proc: subprocess.Popen, cache: dict = {}) -> dict:  # noqa: B006 (per-process memo)
-    if proc.pid not in cache:
-        out, err = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            pytest.fail(f"worker failed ({proc.returncode}):\n{err[-4000:]}")
-        cache[proc.pid] = json.loads(out.strip().splitlines()[-1])
-    return cache[proc.pid]
+def workers() -> dict[str, Worker]:
+    started = {mode: Worker(mode) for mode in ("sim", "ptx")}  # both run at once
+    yield started
+    for worker in started.values():
+        if worker.proc.poll() is None:
+            worker.proc.kill()
 
 
 @pytest.mark.parametrize("name", [*ATTENTION_CASES, *WRITE_CASES, "head_dim_limit"])
 def test_cuda_kernel_under_simulator(workers, name):
-    result = _report(workers["sim"])[name]
+    result = workers["sim"].report()[name]
     assert result["ok"], f"{name}: {result['err']}"
 
 
 @pytest.mark.parametrize("name", PTX_TARGETS)
 def test_cuda_kernel_compiles_to_ptx(workers, name):
-    report = _report(workers["ptx"])
+    report = workers["ptx"].report()
     if "_unavailable" in report:
-        pytest.skip("CUDA toolchain for compile_ptx missing (pip install 'numba-cuda[cu13]'): "
-                    + report["_unavailable"])
+        pytest.skip(
+            "CUDA toolchain for compile_ptx missing (pip install 'numba-cuda[cu13]'): "
+            + report["_unavailable"]
+        )
     assert report[name]["ok"], report[name]["err"]
 
 
