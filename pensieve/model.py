@@ -69,18 +69,18 @@ class Attention(nn.Module):
             config.head_dim,
         )
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        # q, k and v projections fused into one matmul (checkpoints are fused at load time)
+        self.qkv_proj = nn.Linear(h, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        v = qkv[:, self.n_heads + self.n_kv :]
         out = attn.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
@@ -88,12 +88,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -199,7 +200,7 @@ def build_model(
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device)
     model.inv_freq = rope_inverse_frequencies(config).to(device)
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    tensors = fuse_projections({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()})
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     model.load_state_dict(tensors, strict=False, assign=True)
@@ -209,3 +210,23 @@ def build_model(
     if missing:
         raise ValueError(f"checkpoint lacks tensors: {', '.join(missing[:5])}")
     return model.eval()
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face names -> ours: q/k/v into qkv_proj, gate/up into gate_up_proj."""
+    fused = dict(state)
+    groups = {
+        "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    }
+    for name in list(state):
+        if not name.endswith("self_attn.q_proj.weight") and not name.endswith(
+            "mlp.gate_proj.weight"
+        ):
+            continue
+        prefix = name.rsplit(".", 3)[0]  # "model.layers.N"
+        for target, parts in groups.items():
+            keys = [f"{prefix}.{p}.weight" for p in parts]
+            if all(k in fused for k in keys):
+                fused[f"{prefix}.{target}.weight"] = torch.cat([fused.pop(k) for k in keys])
+    return fused
