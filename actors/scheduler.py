@@ -153,16 +153,17 @@ class Scheduler(Actor):
         budget = await self._admit(rows, budget, swap_in)
         if not rows:
             return
-        await self._swap_out_ahead()
-        ticket = None
-        swap_done = None
+        ticket = swap_in_done = None
         if swap_in:
-            ticket, swap_done = self.replies.open()
+            ticket, swap_in_done = self.replies.open()
             self.swapper.send(SwapOrder(ticket, "in", swap_in))  # type: ignore[union-attr]
+        # queued behind the restore (one copy at a time), overlapping this step's compute
+        swap_out_done = self._swap_out_ahead()
         result = await self._execute(rows, ticket)
-        if swap_done is not None:
-            with contextlib.suppress(Exception):
-                await swap_done
+        for done in (swap_in_done, swap_out_done):
+            if done is not None:
+                with contextlib.suppress(Exception):
+                    await done
         self.cache.end_step()
         if result.error is not None:
             for seq, _ in rows:
@@ -294,22 +295,24 @@ class Scheduler(Actor):
             cache.drop_leading(short)
         return cache.device.num_free >= n
 
-    async def _swap_out_ahead(self) -> None:
-        """Below the threshold, copy low-value chunks to the host ahead of time."""
+    def _swap_out_ahead(self) -> asyncio.Future | None:
+        """Below the threshold, start copying low-value chunks to the host ahead of time.
+
+        The chunks stay valid on device; the scheduler waits for the copy before it plans the
+        next step, so their blocks are only reclaimed once the host copy exists."""
         cache = self.cache
         if cache.host is None:
-            return
+            return None
         free_like = cache.device.num_free + cache.reclaimable()
         if free_like >= self.swap_threshold_blocks:
-            return
+            return None
         eviction = cache.plan_swap_out(self.swap_threshold_blocks - free_like)
-        if eviction.copies:
-            await self._swap_out(eviction.copies)
+        return self._swap_out(eviction.copies) if eviction.copies else None
 
-    async def _swap_out(self, copies: list[tuple[int, int]]) -> None:
+    def _swap_out(self, copies: list[tuple[int, int]]) -> asyncio.Future:
         ticket, done = self.replies.open()
         self.swapper.send(SwapOrder(ticket, "out", copies))  # type: ignore[union-attr]
-        await done
+        return done
 
     # ---- endings -------------------------------------------------------------------------
 
