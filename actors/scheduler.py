@@ -95,6 +95,7 @@ class Scheduler(Actor):
 
     def _submit(self, msg: Submit) -> None:
         conv = self.cache.get_or_create(msg.conversation_id)
+        conv.named = conv.named or msg.named
         if conv.owner is None:
             conv.owner = msg.request_id
         budget = self.max_context - len(msg.prompt_tokens)

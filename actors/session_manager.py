@@ -105,7 +105,14 @@ class SessionManager(Actor):
         self.requests[request.request_id] = request
         self.claimed[cid] = request.request_id
         self.scheduler.send(
-            Submit(request.request_id, cid, prompt, sampling, keep_cache=not self.stateless)
+            Submit(
+                request.request_id,
+                cid,
+                prompt,
+                sampling,
+                keep_cache=not self.stateless,
+                named=conversation_id is not None,
+            )
         )
         return request
 

@@ -40,6 +40,7 @@ class Conversation:
     running: bool = False  # its request is in the batch: its chunks must stay on device
     turns: int = 0
     last_prompt_len: int = 0
+    named: bool = False  # the client chose the id: never matched by prefix
 
     def tier_tokens(self, block_size: int) -> tuple[int, int, int]:
         """(device, host-only, dropped) token counts."""
@@ -110,15 +111,16 @@ class TieredCache:
     def match(self, tokens: list[int], exclude: set[str] = frozenset()) -> tuple[str | None, int]:
         """The unowned conversation this request continues, by longest common token prefix.
 
-        A match must cover at least half of the stored history, so that two conversations that
-        share only a system prompt are never mistaken for one.
+        The request must repeat the stored conversation's whole last prompt (a client resending
+        its history does), so that conversations sharing only a system prompt are never taken
+        for one. Conversations a client named are only ever continued by that name.
         """
         best, best_len = None, 0
         for conv in self.conversations.values():
-            if conv.owner is not None or conv.id in exclude or not conv.tokens:
+            if conv.owner is not None or conv.named or conv.id in exclude or not conv.tokens:
                 continue
             n = common_prefix(conv.tokens, tokens)
-            if n > best_len and 2 * n >= len(conv.tokens) and n >= min(len(tokens) - 1, 8):
+            if n > best_len and n >= max(conv.last_prompt_len, 1):
                 best, best_len = conv.id, n
         return best, best_len
 

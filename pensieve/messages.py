@@ -26,6 +26,7 @@ class Submit(msgspec.Struct):
     prompt_tokens: list[int]
     sampling: SamplingParams
     keep_cache: bool = True  # False in stateless mode: forget the conversation afterwards
+    named: bool = False  # the client named the conversation (explicit id)
 
 
 class Cancel(msgspec.Struct):

@@ -143,12 +143,15 @@ def test_diverging_history_reuses_common_prefix_only() -> None:
     cache.check()
 
 
-def test_prefix_match_needs_most_of_the_history() -> None:
+def test_prefix_match_needs_the_whole_last_prompt() -> None:
     cache, _ = make_cache()
     serve(cache, "a", list(range(20)))
     assert cache.match(list(range(20)) + [7, 7]) == ("a", 20)
     assert cache.match(list(range(5)) + [9] * 30)[0] is None  # only a shared preamble
+    assert cache.match(list(range(19)) + [9] * 30)[0] is None  # an edited last message
     assert cache.match(list(range(20)) + [7], exclude={"a"})[0] is None
+    cache.conversations["a"].named = True  # a client named it: only that name continues it
+    assert cache.match(list(range(20)) + [7, 7])[0] is None
 
 
 def test_unfinished_recompute_leaves_range_dropped() -> None:
