@@ -71,7 +71,6 @@ class Eviction:
     """Chunks that leave the device tier: copies to make, device blocks to free afterwards."""
 
     copies: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
-    dropped_tokens: int = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

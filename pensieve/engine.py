@@ -31,7 +31,7 @@ from pensieve.sampling import SamplingParams
 from pensieve.stats import ConversationInfo, Counters, EngineStats
 from pensieve.tokenizer import ChatTokenizer
 
-__all__ = ["ChatStream", "Engine", "EngineConfig", "SamplingParams", "Usage"]
+__all__ = ["ChatStream", "Engine", "EngineConfig", "PensieveError", "SamplingParams", "Usage"]
 
 log = logging.getLogger("pensieve.engine")
 
@@ -312,6 +312,3 @@ class Engine:
             steps_total=c.steps,
             conversations=len(cache.conversations),
         )
-
-
-PensieveError = PensieveError  # re-exported for `from pensieve.engine import PensieveError`
