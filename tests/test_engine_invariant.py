@@ -176,3 +176,27 @@ async def test_default_model_stateful_equals_stateless_with_swaps_and_drops(
     assert stats.cached_tokens_total > 0 and stats.swap_out_blocks_total > 0
     assert stats.dropped_tokens_total > 0
     assert_matches_reference(loaded, records)
+
+
+async def test_anonymous_request_never_takes_over_a_named_conversation(tiny: LoadedModel) -> None:
+    config = EngineConfig(block_size=16, device_cache_tokens=1024, profile_cost=False)
+    async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
+        greedy = SamplingParams(temperature=0, max_tokens=4)
+        first = [{"role": "user", "content": "hi"}]
+        await engine.chat(first, "demo", greedy).text()
+        before = engine.conversation("demo").tokens_total
+        other = engine.chat([{"role": "user", "content": "hi there, who are you?"}], None, greedy)
+        await other.text()
+        assert other.conversation_id != "demo"
+        assert engine.conversation("demo").tokens_total == before
+        # an anonymous client resending its own history does find its conversation again
+        history = [
+            {"role": "user", "content": "hi there, who are you?"},
+            {"role": "assistant", "content": engine.tokenizer.decode(other.token_ids)},
+            {"role": "user", "content": "and then?"},
+        ]
+        again = engine.chat(history, None, greedy)
+        await again.text()
+        assert again.conversation_id == other.conversation_id
+        assert again.usage.cached_tokens > 0
+        engine.check_accounting()
