@@ -157,26 +157,13 @@ class Engine:
         # A conversation must fit the device tier whole while it runs.
         self.max_context = min(self.max_context, device_blocks * cfg.block_size)
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
-        pool_args = (
-            mc.num_hidden_layers,
-            device_blocks,
-            cfg.block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            model.dtype,
-        )
-        self.device_pool = KVPool.empty(*pool_args, device=model.device)
+        layout = (cfg.block_size, mc.num_key_value_heads, mc.head_dim, model.dtype)
+        layers = mc.num_hidden_layers
+        self.device_pool = KVPool.empty(layers, device_blocks, *layout, device=model.device)
         host_pool = None
         if host_blocks:
             host_pool = KVPool.empty(
-                mc.num_hidden_layers,
-                host_blocks,
-                cfg.block_size,
-                mc.num_key_value_heads,
-                mc.head_dim,
-                model.dtype,
-                device=torch.device("cpu"),
-                pin_memory=True,
+                layers, host_blocks, *layout, device=torch.device("cpu"), pin_memory=True
             )
         self.cache = TieredCache(cfg.block_size, device_blocks, host_blocks, self._cost_model)
         replies = Replies()

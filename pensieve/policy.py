@@ -43,13 +43,17 @@ class CostModel:
 
     @classmethod
     def profile(
-        cls, time_chunk_at: Callable[[int], float], max_context: int, min_points: int = 2
+        cls,
+        time_chunk_at: Callable[[int], float],
+        max_context: int,
+        points: tuple[int, ...] = (512, 2048, 8192),
     ) -> CostModel:
-        """Time a chunk at context 0 and powers of two up to max_context."""
-        xs = [0] + [1 << k for k in range(8, 32) if (1 << k) <= max_context]
-        while len(xs) < min_points:
-            xs.append(xs[-1] + 256)
-        return cls(xs, [time_chunk_at(x) for x in xs])
+        """Time a chunk at context 0 and at each of `points` up to max_context."""
+        xs = [0] + [n for n in points if n <= max_context]
+        seconds = [time_chunk_at(x) for x in xs]
+        for i in range(1, len(seconds)):  # noise must not make a longer context look cheaper
+            seconds[i] = max(seconds[i], seconds[i - 1])
+        return cls(xs, seconds)
 
 
 def retention_value(cost: float, idle_seconds: float) -> float:

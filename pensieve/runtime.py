@@ -77,8 +77,4 @@ def profile_chunk_cost(
         return best
 
     time_at(0)  # warm-up: first calls pay for allocator and kernel initialisation
-    points = [0] + [n for n in (512, 2048, 8192) if n <= max_context]
-    seconds = [time_at(n) for n in points]
-    for i in range(1, len(seconds)):  # noise must not make a longer context look cheaper
-        seconds[i] = max(seconds[i], seconds[i - 1])
-    return CostModel(points, seconds)
+    return CostModel.profile(time_at, max_context)

@@ -58,6 +58,13 @@ def test_cost_model_interpolates_and_grows() -> None:
     assert retention_value(2.0, 4.0) == 0.5
 
 
+def test_profile_keeps_points_in_the_window_and_cost_monotone() -> None:
+    noisy = {0: 1.0, 512: 3.0, 2048: 2.0}  # a noisy dip at 2048
+    cost = CostModel.profile(noisy.__getitem__, max_context=4096)
+    assert cost.context_lengths == [0, 512, 2048]
+    assert cost.seconds == [1.0, 3.0, 3.0]
+
+
 def test_leading_chunks_rank_first_within_a_conversation() -> None:
     ranked = rank_candidates([("a", 0, 3, 0.0)], CostModel.linear(1.0, 0.1), BS, now=10.0)
     assert [c.chunk for c in ranked] == [0, 1, 2]
