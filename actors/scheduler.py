@@ -1,40 +1,59 @@
-"""The scheduler actor: forms each step's unified batch and keeps the tiers in shape.
+"""The scheduler actor: owns the tiered cache, forms each step's unified batch.
 
 Each step: running sequences first (decode rows, then the rest of chunked prefills), then
 waiting requests admitted FCFS while the step's token budget and the device tier allow,
 keeping a reserve of free blocks so running decodes are rarely suspended. When the device tier
 runs low it swaps low-value chunks out ahead of time; when a block is needed it reclaims those
 lazily, then evicts idle conversations, and only then suspends the newest running sequence.
+
+It is the only code that touches the cache: conversation resolution, ownership, listing and
+statistics are answered here, by message. Whatever goes wrong with one request (a bad
+conversation state, an exception while admitting or planning it) fails that request alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
+import uuid
 from collections import deque
 
-from pensieve.actors.base import Actor, Replies
+from pensieve.actors.base import Actor
 from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
+from pensieve.errors import OverloadedError, to_info
 from pensieve.messages import (
+    Accepted,
     Cancel,
+    CheckAccounting,
     DeleteConversation,
+    Forget,
+    GetStats,
+    LayerProgress,
+    ListConversations,
+    Rejected,
     SequenceRows,
+    Shutdown,
     StepPlan,
     StepResult,
     Submit,
+    SwapDone,
     SwapOrder,
     TokenEvent,
     Usage,
 )
-from pensieve.sequence import Sequence
-from pensieve.stats import Counters
+from pensieve.sequence import Rows, Sequence
+from pensieve.stats import Counters, conversation_info, engine_stats
 
 log = logging.getLogger("pensieve.scheduler")
+TOO_SMALL = "the device cache is too small for this prompt"
+
+
+class CacheTooSmall(Exception):
+    """The request cannot fit the device tier even with everything else evicted."""
 
 
 class Scheduler(Actor):
@@ -46,16 +65,16 @@ class Scheduler(Actor):
         config: EngineConfig,
         max_context: int,
         stop_token_ids: frozenset[int],
-        replies: Replies,
-        counters: Counters,
+        num_layers: int,
     ):
         super().__init__()
         self.cache = cache
         self.config = config
         self.max_context = max_context
         self.stop_token_ids = stop_token_ids
-        self.replies = replies
-        self.counters = counters
+        self.num_layers = num_layers
+        self.counters = Counters()
+        self.requests: dict[int, Sequence] = {}  # every request not yet finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.executor: Actor | None = None
@@ -80,128 +99,155 @@ class Scheduler(Actor):
             if self.waiting or self.running:
                 try:
                     await self.step()
-                except Exception as exc:  # fail the batch, keep serving
+                except Exception as exc:  # a bug in the step itself: fail its batch, keep serving
                     log.exception("step failed")
                     for seq in list(self.running):
                         self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
 
     async def _on(self, message: object) -> None:
+        try:
+            await self.handle(message)
+        except Exception:  # one bad message must not stop the scheduler
+            log.exception("scheduler failed on %s", type(message).__name__)
+
+    async def handle(self, message: object) -> None:
         if isinstance(message, Submit):
             self._submit(message)
         elif isinstance(message, Cancel):
-            self._cancel(message)
+            seq = self.requests.get(message.request_id)
+            if seq is not None:
+                self._finish(seq, message.reason)
         elif isinstance(message, DeleteConversation):
-            self._delete(message)
+            message.reply.set_result(self._delete(message.conversation_id))
+        elif isinstance(message, ListConversations):
+            known = self.cache.conversations
+            cids = [message.conversation_id] if message.conversation_id else list(known)
+            message.reply.set_result([conversation_info(self.cache, c) for c in cids if c in known])
+        elif isinstance(message, GetStats):
+            stats = engine_stats(self.counters, self.cache, len(self.running), len(self.waiting))
+            message.reply.set_result(stats)
+        elif isinstance(message, CheckAccounting):
+            try:
+                self.cache.check()
+                message.reply.set_result(None)
+            except AssertionError as exc:
+                message.reply.set_result(str(exc) or "accounting check failed")
+        elif isinstance(message, Shutdown):
+            for seq in list(self.requests.values()):
+                self._finish(seq, "cancelled")
+            message.reply.set_result(None)
 
     def _submit(self, msg: Submit) -> None:
-        conv = self.cache.get_or_create(msg.conversation_id)
-        conv.named = conv.named or msg.named
-        if conv.owner is None:
-            conv.owner = msg.request_id
-        budget = self.max_context - len(msg.prompt_tokens)
-        limit = msg.sampling.max_tokens or budget
-        self.counters.requests += 1
-        self.waiting.append(
-            Sequence(
-                request_id=msg.request_id,
-                conversation_id=msg.conversation_id,
-                prompt=list(msg.prompt_tokens),
-                sampling=msg.sampling,
-                max_tokens=min(limit, budget),
-                stop_token_ids=self.stop_token_ids,
-                keep_cache=msg.keep_cache,
-                arrival=time.monotonic(),
-            )
-        )
-
-    def _cancel(self, msg: Cancel) -> None:
-        for seq in [*self.running, *self.waiting]:
-            if seq.request_id == msg.request_id:
-                self._finish(seq, msg.reason)
-
-    def _delete(self, msg: DeleteConversation) -> None:
-        cid = msg.conversation_id
-        if cid not in self.cache.conversations:
-            self.replies.resolve(msg.reply_to, False)
+        rid = msg.request_id
+        if len(self.waiting) >= self.config.max_queue:
+            error = OverloadedError("the server is busy: too many requests waiting")
+            self.sessions.send(Rejected(rid, to_info(error)))  # type: ignore[union-attr]
             return
-        for seq in [*self.running, *self.waiting]:
-            if seq.conversation_id == cid:
-                self._finish(seq, "cancelled")
+        cid = msg.conversation_id
+        if cid is None:
+            cid = self.cache.resolve(msg.prompt_tokens)[0] if msg.match_prefix else None
+            cid = cid or uuid.uuid4().hex
+        # the first request on a conversation holds it; later ones wait for it (FCFS)
+        self.cache.acquire(cid, rid, named=msg.conversation_id is not None)
+        budget = self.max_context - len(msg.prompt_tokens)
+        seq = Sequence(
+            request_id=rid,
+            conversation_id=cid,
+            prompt=list(msg.prompt_tokens),
+            sampling=msg.sampling,
+            max_tokens=min(msg.sampling.max_tokens or budget, budget),
+            stop_token_ids=self.stop_token_ids,
+            keep_cache=msg.keep_cache,
+            arrival=time.monotonic(),
+        )
+        self.requests[rid] = seq
+        self.waiting.append(seq)
+        self.counters.requests += 1
+        self.sessions.send(Accepted(rid, cid))  # type: ignore[union-attr]
+
+    def _delete(self, cid: str) -> bool:
+        if cid not in self.cache.conversations:
+            return False
+        for seq in [s for s in self.requests.values() if s.conversation_id == cid]:
+            self._finish(seq, "cancelled")
         if cid in self.cache.conversations:
             self.cache.delete(cid)
-        self.replies.resolve(msg.reply_to, True)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+        return True
 
     # ---- one step ------------------------------------------------------------------------
 
     async def step(self) -> None:
-        rows: list[tuple[Sequence, list[tuple[int, int]]]] = []
+        rows: list[Rows] = []
         budget = self.config.max_batch_tokens
-        swap_in: list[tuple[int, int]] = []
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if budget <= 0:
                 break
             if seq not in self.running:  # suspended to make room for an older one
                 continue
             take = seq.pending[:budget]
-            if not await self._ensure_slots(seq, take):
+            try:
+                if not await self._ensure_slots(seq, take):
+                    continue
+            except Exception as exc:
+                self._fail(seq, exc)
                 continue
             rows.append((seq, take))
             budget -= len(take)
-        budget = await self._admit(rows, budget, swap_in)
-        if not rows:
-            return
-        ticket = swap_in_done = None
-        if swap_in:
-            ticket, swap_in_done = self.replies.open()
-            self.swapper.send(SwapOrder(ticket, "in", swap_in))  # type: ignore[union-attr]
+        await self._admit(rows, budget)
+        plan = self._plan_rows(rows)
+        rows = [(seq, take) for seq, take in rows if seq.request_id in plan]
+        restores = self.cache.take_restores()
+        progress = LayerProgress(self.num_layers) if restores else None
+        restoring = self._swap("in", restores, progress) if restores else None
         # queued behind the restore (one copy at a time), overlapping this step's compute
-        swap_out_done = self._swap_out_ahead()
-        result = await self._execute(rows, ticket)
-        for done in (swap_in_done, swap_out_done):
-            if done is not None:
-                with contextlib.suppress(Exception):
-                    await done
-        self.cache.end_step()
-        if result.error is not None:
+        ahead = self._swap_out_ahead() if rows else None
+        result = None
+        try:
+            if rows:
+                result = await self._execute(list(plan.values()), progress)
+        finally:
+            restored = await self._settle("in", restores, restoring)
+            if ahead is not None:
+                await self._settle("out", *ahead)
+        if result is None:
+            return
+        error = result.error or (None if restored else "restoring the cached history failed")
+        if error is not None:
             for seq, _ in rows:
-                self._finish(seq, "error", error=result.error)
+                self._finish(seq, "error", error=error)
             return
         self._advance(rows, result)
 
-    async def _execute(
-        self, rows: list[tuple[Sequence, list[tuple[int, int]]]], ticket: int | None
-    ) -> StepResult:
-        plan_rows = []
+    def _plan_rows(self, rows: list[Rows]) -> dict[int, SequenceRows]:
+        """Each sequence's part of the step; a sequence whose plan fails is failed alone."""
+        plan = {}
         for seq, take in rows:
-            cid = seq.conversation_id
-            positions = [p for _, p in take]
-            plan_rows.append(
-                SequenceRows(
+            try:
+                positions = [p for _, p in take]
+                plan[seq.request_id] = SequenceRows(
                     request_id=seq.request_id,
                     tokens=[t for t, _ in take],
                     positions=positions,
-                    slots=[self.cache.slot(cid, p) for p in positions],
-                    block_table=self.cache.block_table(cid),
+                    block_table=self.cache.block_table(seq.conversation_id),
                     context_len=max(positions) + 1,
                     sample=len(take) == len(seq.pending),
                     sampling=seq.sampling,
                 )
-            )
+            except Exception as exc:
+                self._fail(seq, exc)
+        return plan
+
+    async def _execute(
+        self, rows: list[SequenceRows], progress: LayerProgress | None
+    ) -> StepResult:
         self.step_id += 1
-        reply_to, done = self.replies.open()
-        self.executor.send(StepPlan(self.step_id, plan_rows, ticket, reply_to))  # type: ignore[union-attr]
-        result: StepResult = await done
+        reply = asyncio.get_running_loop().create_future()
+        self.executor.send(StepPlan(self.step_id, rows, reply, progress))  # type: ignore[union-attr]
+        result: StepResult = await reply
         self.counters.steps += 1
-        self.counters.step_seconds += result.seconds
         return result
 
-    def _advance(
-        self, rows: list[tuple[Sequence, list[tuple[int, int]]]], result: StepResult
-    ) -> None:
+    def _advance(self, rows: list[Rows], result: StepResult) -> None:
         for seq, take in rows:
             if seq not in self.running:  # cancelled while the step ran
                 continue
@@ -221,47 +267,55 @@ class Scheduler(Actor):
 
     # ---- admission and room --------------------------------------------------------------
 
-    async def _admit(
-        self, rows: list[tuple[Sequence, list[tuple[int, int]]]], budget: int, swap_in: list
-    ) -> int:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting.popleft()
-            conv = self.cache.conversations[seq.conversation_id]
-            if conv.owner not in (None, seq.request_id):  # its conversation is busy: wait
-                skipped.append(seq)
-                continue
-            conv.owner = seq.request_id
-            target = seq.target
-            lcp = self.cache.reusable_prefix(conv, target)
-            need = self.cache.blocks_needed(conv, len(target), lcp)
-            reserve = self.reserve_blocks if self.running else 0
-            conv.running = True  # pin it while room is made for it
-            ok = need <= self.cache.device.num_blocks and await self._make_room(need + reserve)
-            conv.running = False
-            if not ok:
-                self.waiting.appendleft(seq)  # _finish expects it queued
-                if need > self.cache.device.num_blocks or (not self.running and not rows):
-                    self._finish(
-                        seq, "error", error="the device cache is too small for this prompt"
-                    )
+    async def _admit(self, rows: list[Rows], budget: int) -> None:
+        """Admit waiting requests FCFS; one that fails is failed alone, none is ever lost."""
+        skipped: list[Sequence] = []  # their conversation is held by an earlier request
+        try:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+                seq = self.waiting.popleft()
+                try:
+                    taken = await self._admit_one(seq, rows, budget)
+                except Exception as exc:
+                    self._fail(seq, exc)
                     continue
-                break
-            adm = self.cache.admit(seq.conversation_id, target)
-            seq.pending = adm.pending
-            swap_in += adm.swap_in
-            if seq.usage is None:
-                seq.usage = Usage(len(seq.prompt), 0, adm.cached_tokens, adm.recomputed_tokens)
-                self.counters.prompt_tokens += len(seq.prompt)
-                self.counters.cached_tokens += adm.cached_tokens
-                self.counters.computed_prompt_tokens += len(seq.prompt) - adm.cached_tokens
-            self.counters.recomputed_tokens += adm.recomputed_tokens
-            self.running.append(seq)
-            take = seq.pending[:budget]
-            rows.append((seq, take))
-            budget -= len(take)
-        self.waiting.extendleft(reversed(skipped))
-        return budget
+                if taken is None:
+                    skipped.append(seq)
+                elif taken == 0:
+                    self.waiting.appendleft(seq)  # no room now: wait for the running ones
+                    break
+                budget -= taken
+        finally:
+            self.waiting.extendleft(reversed(skipped))
+
+    async def _admit_one(self, seq: Sequence, rows: list[Rows], budget: int) -> int | None:
+        """Tokens it takes in this step; 0 when there is no room yet, None when its
+        conversation is busy."""
+        cid, cache = seq.conversation_id, self.cache
+        if not cache.acquire(cid, seq.request_id):
+            return None
+        target = seq.target
+        _, need = cache.plan_admission(cid, target)
+        if need > cache.device.num_blocks:
+            raise CacheTooSmall(TOO_SMALL)
+        cache.begin(cid)  # pinned while room is made for it
+        reserve = self.reserve_blocks if self.running else 0
+        if not await self._make_room(need + reserve):
+            cache.suspend(cid)
+            if self.running or rows:
+                return 0
+            raise CacheTooSmall(TOO_SMALL)
+        adm = cache.admit(cid, target)
+        seq.pending = adm.pending
+        if seq.usage is None:
+            seq.usage = Usage(len(seq.prompt), 0, adm.cached_tokens, adm.recomputed_tokens)
+            self.counters.prompt_tokens += len(seq.prompt)
+            self.counters.cached_tokens += adm.cached_tokens
+            self.counters.computed_prompt_tokens += len(seq.prompt) - adm.cached_tokens
+        self.counters.recomputed_tokens += adm.recomputed_tokens
+        self.running.append(seq)
+        take = seq.pending[:budget]
+        rows.append((seq, take))
+        return len(take)
 
     async def _ensure_slots(self, seq: Sequence, take: list[tuple[int, int]]) -> bool:
         """Blocks for a decode row's new position; suspends newer sequences if it must."""
@@ -281,71 +335,88 @@ class Scheduler(Actor):
     async def _make_room(self, n: int) -> bool:
         """Free device blocks until n are free: lazy reclaim, then evict idle conversations."""
         cache = self.cache
-        short = n - cache.device.num_free
-        if short <= 0:
+        if cache.device.num_free >= n:
             return True
-        cache.reclaim(short)
+        cache.reclaim(n - cache.device.num_free)
         short = n - cache.device.num_free
         if short > 0 and cache.host is not None:
-            eviction = cache.plan_swap_out(short)
-            if eviction.copies:
-                await self._swap_out(eviction.copies)
-                cache.reclaim(len(eviction.copies))
+            copies = cache.plan_swap_out(short)
+            if copies:
+                await self._settle("out", copies, self._swap("out", copies))
+                cache.reclaim(len(copies))
             short = n - cache.device.num_free
         if short > 0:
             cache.drop_leading(short)
         return cache.device.num_free >= n
 
-    def _swap_out_ahead(self) -> asyncio.Future | None:
+    def _swap_out_ahead(self) -> tuple[list[tuple[int, int]], asyncio.Future] | None:
         """Below the threshold, start copying low-value chunks to the host ahead of time.
 
-        The chunks stay valid on device; the scheduler waits for the copy before it plans the
-        next step, so their blocks are only reclaimed once the host copy exists."""
+        The chunks stay valid on device, and their host copies count only once the copy is
+        done, so their blocks can only be reclaimed after it."""
         cache = self.cache
         if cache.host is None:
             return None
         free_like = cache.device.num_free + cache.reclaimable()
         if free_like >= self.swap_threshold_blocks:
             return None
-        eviction = cache.plan_swap_out(self.swap_threshold_blocks - free_like)
-        return self._swap_out(eviction.copies) if eviction.copies else None
+        copies = cache.plan_swap_out(self.swap_threshold_blocks - free_like)
+        return (copies, self._swap("out", copies)) if copies else None
 
-    def _swap_out(self, copies: list[tuple[int, int]]) -> asyncio.Future:
-        ticket, done = self.replies.open()
-        self.swapper.send(SwapOrder(ticket, "out", copies))  # type: ignore[union-attr]
-        return done
+    def _swap(
+        self, direction: str, pairs: list[tuple[int, int]], progress: LayerProgress | None = None
+    ) -> asyncio.Future:
+        reply = asyncio.get_running_loop().create_future()
+        self.swapper.send(SwapOrder(direction, pairs, reply, progress))  # type: ignore[union-attr]
+        return reply
+
+    async def _settle(
+        self, direction: str, pairs: list[tuple[int, int]], reply: asyncio.Future | None
+    ) -> bool:
+        """Wait for a copy and tell the cache whether it landed; True if it did."""
+        if reply is None:
+            return True
+        done: SwapDone = await reply
+        ok = done.error is None
+        if not ok:
+            log.error("swap-%s of %d blocks failed: %s", direction, len(pairs), done.error)
+        if direction == "in":
+            self.cache.restore_done(pairs, ok)
+            self.counters.swap_in_blocks += done.blocks
+        else:
+            self.cache.swap_out_done(pairs, ok)
+            self.counters.swap_out_blocks += done.blocks
+        return ok
 
     # ---- endings -------------------------------------------------------------------------
 
     def _suspend(self, seq: Sequence) -> None:
         """Take a running sequence out of the batch; it resumes from its cached tokens later."""
         self.running.remove(seq)
-        self.cache.release(seq.conversation_id)
-        self.cache.conversations[seq.conversation_id].owner = seq.request_id
+        self.cache.suspend(seq.conversation_id)
         seq.pending = []
         self.waiting.appendleft(seq)
         self.counters.preemptions += 1
 
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        if isinstance(exc, CacheTooSmall):
+            self._finish(seq, "error", error=str(exc))
+            return
+        log.exception("request %d failed while being scheduled", seq.request_id)
+        self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if self.requests.pop(seq.request_id, None) is None:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        else:
-            return
-        conv = self.cache.conversations.get(seq.conversation_id)
-        if conv is not None and conv.owner == seq.request_id:
-            conv.turns += 1
-            self.cache.release(seq.conversation_id, keep=seq.keep_cache and error is None)
+        keep = seq.keep_cache and error is None
+        self.cache.release(seq.conversation_id, seq.request_id, keep=keep)
         usage = seq.usage or Usage(len(seq.prompt))
         usage.completion_tokens = len(seq.generated)
-        self.executor.send([seq.request_id])  # type: ignore[union-attr]
+        self.executor.send(Forget([seq.request_id]))  # type: ignore[union-attr]
         self.sessions.send(  # type: ignore[union-attr]
             TokenEvent(seq.request_id, finish_reason=reason, usage=usage, error=error)
         )
-
-    async def stop(self) -> None:
-        await super().stop()
-        for seq in [*self.running, *self.waiting]:
-            self._finish(seq, "cancelled")
-        await asyncio.sleep(0)

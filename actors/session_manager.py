@@ -1,158 +1,158 @@
 """The session manager actor: conversations in, text out.
 
-It renders and tokenizes each turn with the model's chat template, finds the conversation the
-turn continues (explicit id, or the longest stored token prefix), checks the context window,
-submits the turn to the scheduler, and turns the token events that come back into text deltas
-(incremental detokenizing, stop strings) on each request's stream.
+It validates, renders and tokenizes each turn with the model's chat template, checks the
+context window, submits the turn to the scheduler (which resolves and owns conversations), and
+turns the token events that come back into text deltas (incremental detokenizing, stop strings)
+on each turn's stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import uuid
 from dataclasses import dataclass, field
 
 from pensieve.actors.base import Actor
-from pensieve.cache import TieredCache
-from pensieve.errors import ContextLengthError, InvalidRequestError, OverloadedError
-from pensieve.messages import Cancel, Submit, TokenEvent, Usage
-from pensieve.sampling import SamplingParams, StopChecker
+from pensieve.errors import ContextLengthError, InvalidRequestError, to_info
+from pensieve.messages import (
+    Accepted,
+    Cancel,
+    Delta,
+    ErrorInfo,
+    Finished,
+    OpenTurn,
+    Rejected,
+    Shutdown,
+    Started,
+    Submit,
+    TokenEvent,
+    Usage,
+)
+from pensieve.sampling import StopChecker
 from pensieve.tokenizer import ChatTokenizer, IncrementalDecoder
 
 
 @dataclass
-class Finished:
-    """The last item of a request's stream."""
-
-    reason: str
-    usage: Usage
-    error: str | None = None
-
-
-@dataclass
 class OpenRequest:
+    """A turn between its OpenTurn and its Finished."""
+
     request_id: int
-    conversation_id: str
     prompt_tokens: int
     decoder: IncrementalDecoder
     stop: StopChecker
     skip_ids: frozenset[int]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stream: asyncio.Queue
     stopped: bool = False  # a stop string ended it; later tokens are not shown
-    token_ids: list[int] = field(default_factory=list)  # every generated id, EOS included
+    generated: list[int] = field(default_factory=list)
 
 
 class SessionManager(Actor):
     name = "session_manager"
 
     def __init__(
-        self,
-        tokenizer: ChatTokenizer,
-        cache: TieredCache,
-        scheduler: Actor,
-        max_context: int,
-        max_queue: int,
-        stateless: bool,
+        self, tokenizer: ChatTokenizer, scheduler: Actor, max_context: int, stateless: bool
     ):
         super().__init__()
         self.tokenizer = tokenizer
-        self.cache = cache  # read only here: the scheduler owns it
         self.scheduler = scheduler
         self.max_context = max_context
-        self.max_queue = max_queue
         self.stateless = stateless
         self.requests: dict[int, OpenRequest] = {}
-        self.claimed: dict[str, int] = {}  # conversation -> request that continues it
-        self._ids = itertools.count(1)
 
-    def open(
-        self, messages: object, conversation_id: str | None, sampling: SamplingParams
-    ) -> OpenRequest:
-        """Validate, tokenize and submit one turn. Raises PensieveError subclasses."""
-        sampling.validate()
-        if conversation_id is not None and not (
-            isinstance(conversation_id, str) and 0 < len(conversation_id) <= 256
-        ):
+    async def handle(self, message: object) -> None:
+        if isinstance(message, TokenEvent):
+            self._on_tokens(message)
+        elif isinstance(message, OpenTurn):
+            self._open(message)
+        elif isinstance(message, Accepted):
+            request = self.requests.get(message.request_id)
+            if request is not None:
+                request.stream.put_nowait(Started(message.conversation_id, request.prompt_tokens))
+        elif isinstance(message, Rejected):
+            self._end(message.request_id, Finished("error", Usage(), message.error))
+        elif isinstance(message, Cancel):
+            if message.request_id in self.requests:
+                self.scheduler.send(message)
+        elif isinstance(message, Shutdown):
+            message.reply.set_result(None)
+
+    def _open(self, turn: OpenTurn) -> None:
+        """Validate and tokenize a turn and submit it; a bad one ends with its error."""
+        try:
+            prompt = self._prompt(turn)
+        except Exception as exc:
+            turn.stream.put_nowait(Finished("error", Usage(), to_info(exc)))
+            return
+        sampling = turn.sampling
+        self.requests[turn.request_id] = OpenRequest(
+            request_id=turn.request_id,
+            prompt_tokens=len(prompt),
+            decoder=IncrementalDecoder(self.tokenizer),
+            stop=StopChecker(sampling.stop),
+            skip_ids=frozenset(() if sampling.ignore_eos else self.tokenizer.eos_token_ids),
+            stream=turn.stream,
+        )
+        self.scheduler.send(
+            Submit(
+                turn.request_id,
+                turn.conversation_id,
+                prompt,
+                sampling,
+                keep_cache=not self.stateless,
+                match_prefix=not self.stateless,
+            )
+        )
+
+    def _prompt(self, turn: OpenTurn) -> list[int]:
+        turn.sampling.validate()
+        cid = turn.conversation_id
+        if cid is not None and not (isinstance(cid, str) and 0 < len(cid) <= 256):
             raise InvalidRequestError(
                 "conversation_id must be 1-256 characters", param="conversation_id"
             )
-        prompt = self.tokenizer.encode_chat(messages)
+        prompt = self.tokenizer.encode_chat(turn.messages)
         if len(prompt) >= self.max_context:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; this model's context window is "
                 f"{self.max_context} tokens"
             )
-        if sampling.max_tokens is not None and len(prompt) + sampling.max_tokens > self.max_context:
+        max_tokens = turn.sampling.max_tokens
+        if max_tokens is not None and len(prompt) + max_tokens > self.max_context:
             raise ContextLengthError(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
                 f"the context window of {self.max_context} tokens",
                 param="max_tokens",
             )
-        if getattr(self.scheduler, "num_waiting", 0) >= self.max_queue:
-            raise OverloadedError(
-                "the server is busy: too many requests waiting", retry_after_s=1.0
-            )
-        cid = self._resolve(prompt, conversation_id)
-        request = OpenRequest(
-            request_id=next(self._ids),
-            conversation_id=cid,
-            prompt_tokens=len(prompt),
-            decoder=IncrementalDecoder(self.tokenizer),
-            stop=StopChecker(sampling.stop),
-            skip_ids=frozenset(() if sampling.ignore_eos else self.tokenizer.eos_token_ids),
-        )
-        self.requests[request.request_id] = request
-        self.claimed[cid] = request.request_id
-        self.scheduler.send(
-            Submit(
-                request.request_id,
-                cid,
-                prompt,
-                sampling,
-                keep_cache=not self.stateless,
-                named=conversation_id is not None,
-            )
-        )
-        return request
+        return prompt
 
-    def _resolve(self, prompt: list[int], conversation_id: str | None) -> str:
-        if conversation_id is not None:
-            return conversation_id
-        if not self.stateless:
-            cid, _ = self.cache.match(prompt, exclude=set(self.claimed))
-            if cid is not None:
-                return cid
-        return uuid.uuid4().hex
-
-    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
-        if request_id in self.requests:
-            self.scheduler.send(Cancel(request_id, reason))
-
-    async def handle(self, message: TokenEvent) -> None:
-        request = self.requests.get(message.request_id)
+    def _on_tokens(self, event: TokenEvent) -> None:
+        request = self.requests.get(event.request_id)
         if request is None:
             return
-        for token in message.tokens:
-            if not request.stopped:
-                request.token_ids.append(token)
-            if request.stopped or token in request.skip_ids:
+        for token in event.tokens:
+            if request.stopped:
+                continue
+            request.generated.append(token)
+            if token in request.skip_ids:
+                request.stream.put_nowait(Delta("", [token]))
                 continue
             text, hit = request.stop.push(request.decoder.push(token))
-            if text:
-                request.queue.put_nowait(text)
+            request.stream.put_nowait(Delta(text, [token]))
             if hit:
                 request.stopped = True
                 self.scheduler.send(Cancel(request.request_id, "stop"))
-        if message.finish_reason is None:
+        if event.finish_reason is None:
             return
         if not request.stopped:
             tail = request.stop.push(request.decoder.flush())[0] + request.stop.flush()
             if tail:
-                request.queue.put_nowait(tail)
-        reason = "stop" if request.stopped else message.finish_reason
-        usage = message.usage or Usage(request.prompt_tokens)
-        request.queue.put_nowait(Finished(reason, usage, message.error))
-        del self.requests[request.request_id]
-        if self.claimed.get(request.conversation_id) == request.request_id:
-            del self.claimed[request.conversation_id]
+                request.stream.put_nowait(Delta(tail, []))
+        reason = "stop" if request.stopped else event.finish_reason
+        error = ErrorInfo("EngineError", event.error) if event.error is not None else None
+        self._end(request.request_id, Finished(reason, event.usage or Usage(), error))
+
+    def _end(self, request_id: int, finished: Finished) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            if not finished.usage.prompt_tokens:
+                finished.usage.prompt_tokens = request.prompt_tokens
+            request.stream.put_nowait(finished)

@@ -14,15 +14,13 @@ import time
 
 import torch
 
-from pensieve.actors.base import Replies
 from pensieve.actors.executor import Executor
 from pensieve.actors.swapper import Swapper
 from pensieve.block_allocator import KVPool
 from pensieve.config import EngineConfig
-from pensieve.messages import SequenceRows, StepPlan, SwapOrder
+from pensieve.messages import LayerProgress, SequenceRows, StepPlan, SwapOrder
 from pensieve.runtime import load_pretrained
 from pensieve.sampling import SamplingParams
-from pensieve.stats import Counters
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
@@ -34,15 +32,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     host_pool = KVPool.empty(*shape, device=torch.device("cpu"))
     host_pool.keys.normal_()
     host_pool.values.normal_()
-    replies, counters = Replies(), Counters()
-    swapper = Swapper(device_pool, host_pool, replies, counters)
-    executor = Executor(model, device_pool, replies, swapper.wait_for_layer)
+    swapper, executor = Swapper(device_pool, host_pool), Executor(model, device_pool)
+    swapper.start()
+    executor.start()
     positions = list(range(args.context, args.context + args.query))
     rows = SequenceRows(
         request_id=1,
         tokens=[1] * args.query,
         positions=positions,
-        slots=[(p // bs) * bs + p % bs for p in positions],
         block_table=list(range(n_blocks)),
         context_len=positions[-1] + 1,
         sample=True,
@@ -51,36 +48,33 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     restore_pairs = [(b, b) for b in range(args.context // bs)]
     loop = asyncio.get_running_loop()
 
-    async def restore() -> float:
-        ticket, done = replies.open()
+    def restore_order(progress: LayerProgress | None = None) -> asyncio.Future:
+        reply = loop.create_future()
+        swapper.send(SwapOrder("in", restore_pairs, reply, progress))
+        return reply
+
+    def step(progress: LayerProgress | None) -> asyncio.Future:
+        reply = loop.create_future()
+        executor.send(StepPlan(0, [rows], reply, progress))
+        return reply
+
+    async def timed(*replies: asyncio.Future) -> float:
         started = time.perf_counter()
-        await swapper.handle(SwapOrder(ticket, "in", restore_pairs))
-        await done
+        for reply in replies:
+            result = await reply
+            if result.error is not None:
+                raise RuntimeError(result.error)
         return time.perf_counter() - started
 
-    async def compute(ticket: int | None) -> float:
-        started = time.perf_counter()
-        await loop.run_in_executor(executor.worker, executor.run_step, StepPlan(0, [rows], ticket))
-        return time.perf_counter() - started
-
-    async def both() -> float:
-        ticket, done = replies.open()
-        started = time.perf_counter()
-        copy = asyncio.create_task(swapper.handle(SwapOrder(ticket, "in", restore_pairs)))
-        await asyncio.sleep(0)  # let the copy start and register its layer signals
-        await compute(ticket)
-        await copy
-        await done
-        return time.perf_counter() - started
-
-    await compute(None)  # warm-up (kernel compilation)
+    await timed(step(None))  # warm-up (kernel compilation)
     best = {"restore": 1e9, "compute": 1e9, "both": 1e9}
     for _ in range(args.repeats):
-        best["restore"] = min(best["restore"], await restore())
-        best["compute"] = min(best["compute"], await compute(None))
-        best["both"] = min(best["both"], await both())
-    swapper.worker.shutdown()
-    executor.worker.shutdown()
+        best["restore"] = min(best["restore"], await timed(restore_order()))
+        best["compute"] = min(best["compute"], await timed(step(None)))
+        progress = LayerProgress(mc.num_hidden_layers)
+        best["both"] = min(best["both"], await timed(restore_order(progress), step(progress)))
+    await swapper.stop()
+    await executor.stop()
     return best
 
 

@@ -1,4 +1,4 @@
-"""Fixed-size KV blocks: the per-tier tensor pool and a reference-counted allocator."""
+"""Fixed-size KV blocks: the per-tier tensor pool and its allocator."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ class OutOfBlocks(Exception):
 
 
 class BlockAllocator:
-    """Hands out block ids of one tier; a block returns to the free list when its count hits 0."""
+    """Hands out block ids of one tier; freeing a block that is not allocated is an error."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.ref_counts = [0] * num_blocks
+        self.allocated = bytearray(num_blocks)  # 1 where the block is handed out
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() yields low ids first
 
     @property
@@ -32,21 +32,14 @@ class BlockAllocator:
             raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free of {self.num_blocks}")
         blocks = [self._free.pop() for _ in range(n)]
         for b in blocks:
-            self.ref_counts[b] = 1
+            self.allocated[b] = 1
         return blocks
 
-    def incref(self, block: int) -> None:
-        if self.ref_counts[block] <= 0:
-            raise ValueError(f"block {block} is not allocated")
-        self.ref_counts[block] += 1
-
     def free(self, block: int) -> None:
-        """Drop one reference; the block is reusable once nobody holds it."""
-        if self.ref_counts[block] <= 0:
+        if not self.allocated[block]:
             raise ValueError(f"block {block} freed twice")
-        self.ref_counts[block] -= 1
-        if self.ref_counts[block] == 0:
-            self._free.append(block)
+        self.allocated[block] = 0
+        self._free.append(block)
 
 
 @dataclass

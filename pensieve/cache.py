@@ -1,26 +1,36 @@
 """The tiered conversation cache: which chunk of which conversation sits in which tier.
 
-A conversation's KV is cut into chunks of one block each. Its chunks always lie as
-[dropped | host only | device (+ host copy) | device only]: the oldest tokens go first, to the
-host tier and then away, so a returning conversation restores a contiguous middle and
-recomputes only a leading range. Only the scheduler mutates this object (from its own task),
-so no locks are needed.
+A conversation's KV is cut into chunks of one block each. An idle conversation's chunks lie as
+[dropped | host only | device + host copy | device only] (after a recompute, the recomputed
+leading range sits on device alone in front): the oldest tokens go first, to the host tier and
+then away, so a returning conversation restores a contiguous middle and recomputes only a
+leading range. The scheduler owns this object (only its task calls it).
+
+Two rules keep the tiers honest while copies run: a copy is only a plan until the swapper
+reports it done (`swap_out_done`, `restore_done`), so a chunk's host copy or restored device
+block counts as valid only after its bytes landed, and a failed copy leaves the chunk where it
+was; and a block that a copy still reads or writes is never reused before that copy ends.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pensieve.block_allocator import BlockAllocator, OutOfBlocks
-from pensieve.policy import Candidate, CostModel, rank_candidates
+from pensieve.policy import CostModel, EvictionIndex
+from pensieve.prefix_index import PrefixIndex, common_prefix
+
+KINDS = ("host_drop", "reclaim", "swap", "drop")  # the four ways a chunk leaves a tier
 
 
 @dataclass
 class Chunk:
     device: int | None = None  # block id in the device tier
-    host: int | None = None  # block id in the host tier (a copy when device is set too)
+    host: int | None = None  # block id of a complete host copy (a copy when device is set too)
+    copy_to: int | None = None  # host block a device->host copy is writing (not valid yet)
+    restoring: bool = False  # the device block is being filled from `host` (not valid yet)
 
     @property
     def dropped(self) -> bool:
@@ -36,7 +46,7 @@ class Conversation:
     recompute_end: int = 0  # positions below this are being recomputed by the running request
     recomputed: int = 0  # how far that recompute has come
     last_active: float = 0.0
-    owner: int | None = None  # request that holds this conversation
+    owner: int | None = None  # the request that holds this conversation (acquire/release)
     running: bool = False  # its request is in the batch: its chunks must stay on device
     turns: int = 0
     last_prompt_len: int = 0
@@ -66,19 +76,8 @@ class Admission:
     recomputed_tokens: int
 
 
-@dataclass
-class Eviction:
-    """Chunks that leave the device tier: copies to make, device blocks to free afterwards."""
-
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class TieredCache:
@@ -96,63 +95,97 @@ class TieredCache:
         self.cost = cost
         self.clock = clock
         self.conversations: dict[str, Conversation] = {}
-        self.deferred_host_frees: list[int] = []
+        self.prefixes = PrefixIndex()  # idle, unnamed conversations by their last prompt
+        self.evictable = {kind: EvictionIndex(cost, block_size) for kind in KINDS}
         self.dropped_chunks = 0  # chunks whose KV was dropped (their tokens kept), ever
+        self._outgoing: dict[int, tuple[Conversation, Chunk]] = {}  # host block -> swap-out
+        self._restoring: dict[int, tuple[Conversation, Chunk]] = {}  # device block -> restore
+        self._restores: list[tuple[int, int]] = []  # planned restores not yet handed out
+        self._busy: dict[str, set[int]] = {"device": set(), "host": set()}  # a copy uses them
+        self._deferred: list[tuple[str, int]] = []  # freed while busy: freed when the copy ends
 
-    # ---- conversations -------------------------------------------------------------------
+    # ---- ownership ------------------------------------------------------------------------
 
-    def get_or_create(self, cid: str) -> Conversation:
+    def acquire(self, cid: str, request_id: int, named: bool = False) -> bool:
+        """Let `request_id` hold the conversation (created if new); False while another does."""
         conv = self.conversations.get(cid)
         if conv is None:
             conv = self.conversations[cid] = Conversation(cid, last_active=self.clock())
-        return conv
+        elif conv.owner not in (None, request_id):
+            return False
+        conv.owner = request_id
+        conv.named = conv.named or named
+        self.prefixes.remove(cid)
+        return True
 
-    def match(self, tokens: list[int], exclude: set[str] = frozenset()) -> tuple[str | None, int]:
-        """The unowned conversation this request continues, by longest common token prefix.
+    def owner(self, cid: str) -> int | None:
+        conv = self.conversations.get(cid)
+        return conv.owner if conv is not None else None
 
-        The request must repeat the stored conversation's whole last prompt (a client resending
-        its history does), so that conversations sharing only a system prompt are never taken
-        for one. Conversations a client named are only ever continued by that name.
-        """
+    def release(self, cid: str, request_id: int, keep: bool = True) -> None:
+        """The request is done with its conversation: free what it cannot reuse; with
+        `keep=False` (stateless mode, a failed turn) or nothing cached, forget it."""
+        conv = self.conversations.get(cid)
+        if conv is None or conv.owner != request_id:
+            return
+        conv.turns += 1
+        self._park(conv)
+        if not keep or not conv.tokens:
+            self.delete(cid)
+            return
+        conv.owner = None
+        if not conv.named:
+            self.prefixes.add(cid, conv.tokens, conv.last_prompt_len)
+
+    def resolve(self, prompt: list[int]) -> tuple[str | None, int]:
+        """The idle conversation this prompt continues, and the tokens they share.
+
+        The prompt must repeat the conversation's whole last prompt (a client resending its
+        history does), so conversations sharing only a system prompt are never taken for one.
+        Conversations a client named are only ever continued by that name."""
         best, best_len = None, 0
-        for conv in self.conversations.values():
-            if conv.owner is not None or conv.named or conv.id in exclude or not conv.tokens:
-                continue
-            n = common_prefix(conv.tokens, tokens)
-            if n > best_len and n >= max(conv.last_prompt_len, 1):
-                best, best_len = conv.id, n
+        for cid, length in self.prefixes.candidates(prompt):
+            n = common_prefix(self.conversations[cid].tokens, prompt)
+            if n >= length and n > best_len:
+                best, best_len = cid, n
         return best, best_len
 
     def delete(self, cid: str) -> None:
         conv = self.conversations.pop(cid)
         for ch in conv.chunks:
             self._free_chunk(ch)
-
-    def _free_chunk(self, ch: Chunk) -> None:
-        if ch.device is not None:
-            self.device.free(ch.device)
-        if ch.host is not None and self.host is not None:
-            self.host.free(ch.host)
-        ch.device = ch.host = None
+        self.prefixes.remove(cid)
+        self._reindex(conv)
 
     # ---- admission and progress ---------------------------------------------------------
 
-    def blocks_needed(self, conv: Conversation, target_len: int, lcp: int) -> int:
-        """Device blocks that admitting `target_len` tokens over a reused prefix of `lcp` takes."""
-        n_chunks = -(-target_len // self.block_size)
-        kept = -(-lcp // self.block_size)
+    def begin(self, cid: str) -> None:
+        """The conversation's request is being admitted: pin its chunks to their tiers."""
+        conv = self.conversations[cid]
+        conv.running = True
+        self._reindex(conv)
+
+    def suspend(self, cid: str) -> None:
+        """Its request leaves the batch but keeps the conversation (it resumes later)."""
+        self._park(self.conversations[cid])
+
+    def _blocks_needed(self, conv: Conversation, target_len: int, lcp: int) -> int:
+        n_chunks = _ceil_div(target_len, self.block_size)
+        kept = _ceil_div(lcp, self.block_size)
         have = sum(1 for ch in conv.chunks[: min(kept, n_chunks)] if ch.device is not None)
         return n_chunks - have
 
-    def reusable_prefix(self, conv: Conversation, target: list[int]) -> int:
-        return min(common_prefix(conv.tokens, target), len(target) - 1)
+    def plan_admission(self, cid: str, target: list[int]) -> tuple[int, int]:
+        """(reusable prefix, device blocks needed) for making `target` the history."""
+        conv = self.conversations[cid]
+        lcp = min(common_prefix(conv.tokens, target), len(target) - 1)
+        return lcp, self._blocks_needed(conv, len(target), lcp)
 
     def admit(self, cid: str, target: list[int]) -> Admission:
-        """Make `target` this conversation's token list: reuse the common prefix, restore it to
-        the device tier, and return the inputs still to compute. Raises OutOfBlocks."""
+        """Make `target` this conversation's token list: reuse the common prefix, plan its
+        restore to the device tier, and return the inputs still to compute. Raises OutOfBlocks."""
         conv = self.conversations[cid]
-        lcp = self.reusable_prefix(conv, target)
-        need = self.blocks_needed(conv, len(target), lcp)
+        lcp, need = self.plan_admission(cid, target)
         self._truncate(conv, lcp)
         if need > self.device.num_free:
             raise OutOfBlocks(f"admission needs {need} device blocks, {self.device.num_free} free")
@@ -161,13 +194,18 @@ class TieredCache:
             if ch.device is None:
                 (ch.device,) = self.device.allocate(1)
                 if ch.host is not None:
+                    ch.restoring = True
                     swap_in.append((ch.host, ch.device))
+                    self._restoring[ch.device] = (conv, ch)
+                    self._busy["host"].add(ch.host)
+                    self._busy["device"].add(ch.device)
+        self._restores += swap_in
         while len(conv.chunks) * self.block_size < len(target):
             conv.chunks.append(Chunk(device=self.device.allocate(1)[0]))
         if lcp % self.block_size:  # the chunk the prompt continues will change: its copy goes stale
             tail = conv.chunks[lcp // self.block_size]
             if tail.host is not None:
-                self.deferred_host_frees.append(tail.host)
+                self._free_block("host", tail.host)  # after its restore, if one reads it
                 tail.host = None
         recompute = min(conv.dropped * self.block_size, lcp)
         conv.recompute_end, conv.recomputed = recompute, 0
@@ -177,9 +215,30 @@ class TieredCache:
         pending += [(target[p], p) for p in range(lcp, len(target))]
         return Admission(pending, swap_in, lcp - recompute, recompute)
 
+    def take_restores(self) -> list[tuple[int, int]]:
+        """The (host, device) copies admissions planned since the last call, still wanted."""
+        out = [(h, d) for h, d in self._restores if d in self._restoring]
+        self._restores.clear()
+        return out
+
+    def restore_done(self, pairs: Iterable[tuple[int, int]], ok: bool) -> None:
+        """A restore ended: its device blocks now hold the KV, or (failed) go back free and
+        the chunks stay host-only."""
+        for host, device in pairs:
+            self._unbusy("host", host)
+            self._unbusy("device", device)
+            conv, ch = self._restoring.pop(device, (None, None))
+            if ch is None:
+                continue
+            ch.restoring = False
+            if not ok:
+                self._free_block("device", device)
+                ch.device = None
+        self._free_deferred()
+
     def _truncate(self, conv: Conversation, n_tokens: int) -> None:
         """Forget everything past the first n_tokens (a diverging history)."""
-        keep = -(-n_tokens // self.block_size)
+        keep = _ceil_div(n_tokens, self.block_size)
         for ch in conv.chunks[keep:]:
             self._free_chunk(ch)
         del conv.chunks[keep:]
@@ -206,23 +265,12 @@ class TieredCache:
             conv.dropped = conv.recompute_end = conv.recomputed = 0
         conv.last_active = self.clock()
 
-    def slot(self, cid: str, position: int) -> int:
-        ch = self.conversations[cid].chunks[position // self.block_size]
-        assert ch.device is not None, f"{cid}: position {position} is not on device"
-        return ch.device * self.block_size + position % self.block_size
-
     def block_table(self, cid: str) -> list[int]:
         return [ch.device if ch.device is not None else -1 for ch in self.conversations[cid].chunks]
 
-    def release(self, cid: str, keep: bool = True) -> None:
-        """The request is done with its conversation: free what it cannot reuse."""
-        conv = self.conversations.get(cid)
-        if conv is None:
-            return
-        if not keep:
-            self.delete(cid)
-            return
-        keep_chunks = -(-len(conv.tokens) // self.block_size)
+    def _park(self, conv: Conversation) -> None:
+        """Out of the batch: free blocks past its tokens and an unfinished recompute's range."""
+        keep_chunks = _ceil_div(len(conv.tokens), self.block_size)
         for ch in conv.chunks[keep_chunks:]:
             self._free_chunk(ch)
         del conv.chunks[keep_chunks:]
@@ -231,143 +279,180 @@ class TieredCache:
                 self._free_chunk(ch)
             conv.recompute_end = conv.recomputed = 0
         conv.running = False
-        conv.owner = None
         conv.last_active = self.clock()
+        self._reindex(conv)
 
-    def end_step(self) -> None:
-        """Free host copies that went stale during the step (no copy may read them any more)."""
-        if self.host is not None:
-            for block in self.deferred_host_frees:
-                self.host.free(block)
-        self.deferred_host_frees.clear()
+    # ---- blocks ---------------------------------------------------------------------------
+
+    def _allocator(self, tier: str) -> BlockAllocator:
+        return self.device if tier == "device" else self.host  # type: ignore[return-value]
+
+    def _free_block(self, tier: str, block: int) -> None:
+        if block in self._busy[tier]:
+            self._deferred.append((tier, block))
+        else:
+            self._allocator(tier).free(block)
+
+    def _unbusy(self, tier: str, block: int) -> None:
+        self._busy[tier].discard(block)
+
+    def _free_deferred(self) -> None:
+        still = [(t, b) for t, b in self._deferred if b in self._busy[t]]
+        for tier, block in self._deferred:
+            if block not in self._busy[tier]:
+                self._allocator(tier).free(block)
+        self._deferred = still
+
+    def _free_chunk(self, ch: Chunk) -> None:
+        if ch.device is not None:
+            self._restoring.pop(ch.device, None)
+            self._free_block("device", ch.device)
+        if ch.host is not None:
+            self._free_block("host", ch.host)
+        if ch.copy_to is not None:
+            self._outgoing.pop(ch.copy_to, None)
+            self._free_block("host", ch.copy_to)
+        ch.device = ch.host = ch.copy_to = None
+        ch.restoring = False
 
     # ---- eviction ------------------------------------------------------------------------
 
-    def _idle(self) -> list[Conversation]:
-        return [c for c in self.conversations.values() if not c.running]
+    def _runs(self, conv: Conversation) -> dict[str, tuple[int, int]]:
+        """Per kind, the run of chunks that may leave next: (first, count). Only leading runs
+        count: a recomputed prefix can sit on device alone before restored chunks."""
+        chunks, end = conv.chunks, len(conv.chunks)
 
-    def _ranked(self, pick: Callable[[Conversation], tuple[int, int]]) -> list[Candidate]:
-        rows = []
-        for conv in self._idle():
-            first, count = pick(conv)
-            if count > 0:
-                rows.append((conv.id, first, count, conv.last_active))
-        return rank_candidates(rows, self.cost, self.block_size, self.clock())
+        def run(start: int, test: Callable[[Chunk], bool]) -> int:
+            i = start
+            while i < end and test(chunks[i]):
+                i += 1
+            return i
 
-    @staticmethod
-    def _run(conv: Conversation, test: Callable[[Chunk], bool], start: int) -> tuple[int, int]:
-        """(start, length) of the run of chunks from `start` that pass `test`."""
-        i = start
-        while i < len(conv.chunks) and test(conv.chunks[i]):
-            i += 1
-        return start, i - start
+        def device_only(ch: Chunk) -> bool:
+            return ch.device is not None and ch.host is None and ch.copy_to is None
 
-    def _first_device(self, conv: Conversation) -> int:
-        i = conv.dropped
-        while i < len(conv.chunks) and conv.chunks[i].device is None:
-            i += 1
-        return i
+        d = conv.dropped
+        h = run(d, lambda ch: ch.device is None and ch.host is not None)  # [d, h): host only
+        c = run(h, lambda ch: ch.device is not None and ch.host is not None)  # [h, c): both
+        i = run(c, lambda ch: ch.copy_to is not None)  # [c, i): being copied out right now
+        return {
+            "host_drop": (d, h - d),
+            "reclaim": (h, c - h),
+            "swap": (i, run(i, device_only) - i),
+            "drop": (d, run(d, device_only) - d),
+        }
 
-    def _swap_candidates(self) -> list[Candidate]:
-        """Device chunks without a host copy, right after those that have one."""
+    def _reindex(self, conv: Conversation) -> None:
+        """Refresh the conversation's eviction candidates (none while running or deleted)."""
+        live = not conv.running and self.conversations.get(conv.id) is conv
+        runs = self._runs(conv) if live else dict.fromkeys(KINDS, (0, 0))
+        for kind, (first, count) in runs.items():
+            self.evictable[kind].set(conv.id, first, count, conv.last_active)
 
-        def pick(conv: Conversation) -> tuple[int, int]:
-            start, n_copied = self._run(
-                conv, lambda c: c.host is not None, self._first_device(conv)
-            )
-            return self._run(
-                conv, lambda c: c.device is not None and c.host is None, start + n_copied
-            )
-
-        return self._ranked(pick)
-
-    def _host_drop_candidates(self) -> list[Candidate]:
-        """Host-only chunks at the leading end."""
-        return self._ranked(
-            lambda conv: self._run(
-                conv, lambda c: c.device is None and c.host is not None, conv.dropped
-            )
-        )
+    def _pick(self, kind: str, n: int) -> list[tuple[Conversation, int]]:
+        picks = self.evictable[kind].lowest(n, self.clock())
+        return [(self.conversations[cid], chunk) for cid, chunk in picks]
 
     def reclaimable(self) -> int:
         """Device blocks that also have a host copy (freed lazily, only when needed)."""
-        return sum(
-            1
-            for conv in self._idle()
-            for ch in conv.chunks
-            if ch.device is not None and ch.host is not None
-        )
+        return self.evictable["reclaim"].total
 
     def reclaim(self, n: int) -> int:
         """Free up to n device blocks whose chunks already have a host copy, lowest value first."""
-        ranked = self._ranked(
-            lambda conv: self._run(conv, lambda c: c.host is not None, self._first_device(conv))
-        )
-        for cand in ranked[:n]:
-            ch = self.conversations[cand.conversation_id].chunks[cand.chunk]
-            self.device.free(ch.device)  # type: ignore[arg-type]
+        picks = self._pick("reclaim", n)
+        for conv, i in picks:
+            ch = conv.chunks[i]
+            self._free_block("device", ch.device)  # type: ignore[arg-type]
             ch.device = None
-        return min(n, len(ranked))
+        self._reindex_all(conv for conv, _ in picks)
+        return len(picks)
 
     def _host_block(self) -> int | None:
         """A free host block, dropping the lowest-value host-only chunk when the tier is full."""
         if self.host is None:
             return None
         if self.host.num_free == 0:
-            victims = self._host_drop_candidates()
+            victims = self._pick("host_drop", 1)
             if not victims:
                 return None
-            conv = self.conversations[victims[0].conversation_id]
-            self.host.free(conv.chunks[victims[0].chunk].host)  # type: ignore[arg-type]
-            conv.chunks[victims[0].chunk].host = None
-            conv.dropped += 1
+            conv, i = victims[0]
+            self._free_chunk(conv.chunks[i])
+            conv.dropped = i + 1
             self.dropped_chunks += 1
+            self._reindex(conv)
+            if self.host.num_free == 0:  # its block is still read by a copy
+                return None
         return self.host.allocate(1)[0]
 
-    def plan_swap_out(self, n: int) -> Eviction:
-        """Ahead-of-time swap-out: copy up to n low-value chunks to the host tier, keeping them
-        valid on device (their blocks are reclaimed later, only when needed)."""
-        out = Eviction()
-        for cand in self._swap_candidates()[:n]:
-            ch = self.conversations[cand.conversation_id].chunks[cand.chunk]
+    def plan_swap_out(self, n: int) -> list[tuple[int, int]]:
+        """Ahead-of-time swap-out: (device block, host block) copies of up to n low-value chunks.
+        The chunks stay valid on device; their host copies count once `swap_out_done` says so."""
+        copies = []
+        picks = self._pick("swap", n)
+        for conv, i in picks:
             host = self._host_block()
             if host is None:
                 break
-            ch.host = host
-            out.copies.append((ch.device, host))  # type: ignore[arg-type]
-        return out
+            ch = conv.chunks[i]
+            ch.copy_to = host
+            self._outgoing[host] = (conv, ch)
+            self._busy["device"].add(ch.device)  # type: ignore[arg-type]
+            self._busy["host"].add(host)
+            copies.append((ch.device, host))
+        self._reindex_all(conv for conv, _ in picks)
+        return copies  # type: ignore[return-value]
+
+    def swap_out_done(self, copies: Iterable[tuple[int, int]], ok: bool) -> None:
+        """A swap-out ended: the host copies become valid, or (failed) their blocks go back."""
+        touched = []
+        for device, host in copies:
+            self._unbusy("device", device)
+            self._unbusy("host", host)
+            conv, ch = self._outgoing.pop(host, (None, None))
+            if ch is None:  # the chunk was freed meanwhile
+                continue
+            ch.copy_to = None
+            if ok:
+                ch.host = host
+            else:
+                self._free_block("host", host)
+            touched.append(conv)
+        self._free_deferred()
+        self._reindex_all(touched)
 
     def drop_leading(self, n: int) -> int:
         """Drop up to n leading device chunks that have no host copy (no host tier, or it is
         full), lowest value first."""
-        ranked = self._ranked(
-            lambda conv: self._run(
-                conv, lambda c: c.device is not None and c.host is None, conv.dropped
-            )
-        )
-        for cand in ranked[:n]:
-            conv = self.conversations[cand.conversation_id]
-            self._free_chunk(conv.chunks[cand.chunk])
-            conv.dropped = cand.chunk + 1
-        self.dropped_chunks += min(n, len(ranked))
-        return min(n, len(ranked))
+        picks = self._pick("drop", n)
+        for conv, i in picks:
+            self._free_chunk(conv.chunks[i])
+            conv.dropped = i + 1
+        self.dropped_chunks += len(picks)
+        self._reindex_all(conv for conv, _ in picks)
+        return len(picks)
+
+    def _reindex_all(self, convs: Iterable[Conversation]) -> None:
+        for conv in {id(c): c for c in convs}.values():
+            self._reindex(conv)
 
     # ---- accounting ----------------------------------------------------------------------
 
     def check(self) -> None:
         """Every allocated block is owned by exactly one chunk, and the tier layout holds."""
-        dev: list[int] = []
-        host: list[int] = list(self.deferred_host_frees)
+        dev: list[int] = [b for t, b in self._deferred if t == "device"]
+        host: list[int] = [b for t, b in self._deferred if t == "host"]
         for conv in self.conversations.values():
             for i, ch in enumerate(conv.chunks):
                 if ch.device is not None:
                     dev.append(ch.device)
-                if ch.host is not None:
-                    host.append(ch.host)
+                for block in (ch.host, ch.copy_to):
+                    if block is not None:
+                        host.append(block)
                 if i < conv.dropped and not conv.running:
                     assert ch.dropped, f"{conv.id}: chunk {i} in the dropped prefix holds a block"
             if not conv.running:
                 assert all(not ch.dropped for ch in conv.chunks[conv.dropped :]), conv.id
+                assert not any(ch.restoring for ch in conv.chunks), f"{conv.id}: restoring"
         self._check_tier(self.device, dev, "device")
         if self.host is not None:
             self._check_tier(self.host, host, "host")
@@ -376,4 +461,4 @@ class TieredCache:
     def _check_tier(alloc: BlockAllocator, owned: list[int], name: str) -> None:
         assert len(owned) == len(set(owned)), f"{name} block owned twice"
         assert len(owned) == alloc.num_used, f"{name}: {alloc.num_used} used, {len(owned)} owned"
-        assert all(alloc.ref_counts[b] == 1 for b in owned), f"{name}: bad reference count"
+        assert all(alloc.allocated[b] for b in owned), f"{name}: a free block is owned"

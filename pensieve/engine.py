@@ -5,30 +5,54 @@ async with Engine(EngineConfig()) as engine:
     async for delta in stream:
         print(delta, end="")
     print(stream.usage)
+
+Both talk to the actors only by message: a turn is an OpenTurn to the session manager, whose
+answers arrive on the turn's own queue; questions about conversations and counters go to the
+scheduler, which owns the cache, and come back on a future.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from pensieve.actors.base import Replies
+from pensieve.actors.base import Actor
 from pensieve.actors.executor import Executor
 from pensieve.actors.scheduler import Scheduler
-from pensieve.actors.session_manager import Finished, OpenRequest, SessionManager
+from pensieve.actors.session_manager import SessionManager
 from pensieve.actors.swapper import Swapper
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
-from pensieve.errors import EngineError, InvalidRequestError, NotFoundError, PensieveError
-from pensieve.messages import DeleteConversation, Usage
+from pensieve.errors import (
+    EngineError,
+    InvalidRequestError,
+    NotFoundError,
+    PensieveError,
+    from_info,
+)
+from pensieve.messages import (
+    Cancel,
+    CheckAccounting,
+    DeleteConversation,
+    Delta,
+    Finished,
+    GetStats,
+    ListConversations,
+    OpenTurn,
+    Shutdown,
+    Started,
+    Usage,
+)
 from pensieve.policy import CostModel
 from pensieve.runtime import LoadedModel, load_pretrained, profile_chunk_cost
 from pensieve.sampling import SamplingParams
-from pensieve.stats import ConversationInfo, Counters, EngineStats
+from pensieve.stats import ConversationInfo, EngineStats
 from pensieve.tokenizer import ChatTokenizer
 
 __all__ = ["ChatStream", "Engine", "EngineConfig", "PensieveError", "SamplingParams", "Usage"]
@@ -43,18 +67,14 @@ class ChatStream:
     `__anext__`, before any text. `aclose()` cancels the turn and frees its blocks.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        messages: object,
-        conversation_id: str | None,
-        sampling: SamplingParams,
-    ):
-        self._engine = engine
-        self._args = (messages, conversation_id, sampling)
-        self._request: OpenRequest | None = None
+    def __init__(self, open_turn: Callable[[asyncio.Queue], int], send: Callable[[Any], None]):
+        self._open_turn = open_turn  # sends the OpenTurn, returns its request id
+        self._send = send  # the session manager's mailbox
+        self._queue: asyncio.Queue | None = None
+        self._request_id: int | None = None
         self._done = False
-        self.conversation_id: str | None = conversation_id
+        self._token_ids: list[int] = []
+        self.conversation_id: str | None = None
         self.prompt_tokens: int | None = None
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -68,49 +88,47 @@ class ChatStream:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _open(self) -> OpenRequest:
-        if self._request is None:
-            self._request = self._engine._open(*self._args)
-            self.conversation_id = self._request.conversation_id
-            self.prompt_tokens = self._request.prompt_tokens
-        return self._request
-
-    async def __anext__(self) -> str:
-        if self._done:
-            raise StopAsyncIteration
-        request = self._open()
-        while True:
-            item = await request.queue.get()
-            if isinstance(item, str):
-                if item:
-                    return item
-                continue
-            assert isinstance(item, Finished)
+    async def _next_item(self) -> Started | Delta | Finished:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._request_id = self._open_turn(self._queue)
+        item = await self._queue.get()
+        if isinstance(item, Started):
+            self.conversation_id, self.prompt_tokens = item.conversation_id, item.prompt_tokens
+        elif isinstance(item, Delta):
+            self._token_ids += item.token_ids
+        else:
             self._done = True
             self.usage, self.finish_reason = item.usage, item.reason
-            if item.error is not None:
-                raise EngineError(f"generation failed: {item.error}")
-            raise StopAsyncIteration
+        return item
+
+    async def __anext__(self) -> str:
+        while not self._done:
+            item = await self._next_item()
+            if isinstance(item, Delta) and item.text:
+                return item.text
+            if isinstance(item, Finished) and item.error is not None:
+                if self.conversation_id is None:  # refused before it started
+                    raise from_info(item.error)
+                raise EngineError(f"generation failed: {item.error.message}")
+        raise StopAsyncIteration
 
     @property
     def token_ids(self) -> list[int]:
         """The generated token ids so far (EOS included when it ended the reply)."""
-        return list(self._request.token_ids) if self._request is not None else []
+        return list(self._token_ids)
 
     async def text(self) -> str:
         """The whole reply (consumes the stream)."""
         return "".join([delta async for delta in self])
 
     async def aclose(self) -> None:
-        """Cancel the turn if it is still running; its blocks are freed at the next step."""
-        if self._request is not None and not self._done:
-            self._engine._sessions.cancel(self._request.request_id)
+        """Cancel the turn if it is still running; waits until its blocks are freed."""
+        if self._request_id is not None and not self._done:
+            self._send(Cancel(self._request_id))
             try:
-                while True:  # wait for the scheduler to confirm, so nothing leaks
-                    item = await self._request.queue.get()
-                    if isinstance(item, Finished):
-                        self.usage, self.finish_reason = item.usage, item.reason
-                        break
+                while not self._done:  # wait for the scheduler to confirm, so nothing leaks
+                    await self._next_item()
             finally:
                 self._done = True
         self._done = True
@@ -130,7 +148,8 @@ class Engine:
         self._loaded = loaded
         self._cost_model = cost_model
         self._started = False
-        self.counters = Counters()
+        self._request_ids = itertools.count(1)
+        self._actors: list[Actor] = []
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -159,44 +178,35 @@ class Engine:
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
         layout = (cfg.block_size, mc.num_key_value_heads, mc.head_dim, model.dtype)
         layers = mc.num_hidden_layers
-        self.device_pool = KVPool.empty(layers, device_blocks, *layout, device=model.device)
+        device_pool = KVPool.empty(layers, device_blocks, *layout, device=model.device)
         host_pool = None
         if host_blocks:
             host_pool = KVPool.empty(
                 layers, host_blocks, *layout, device=torch.device("cpu"), pin_memory=True
             )
-        self.cache = TieredCache(cfg.block_size, device_blocks, host_blocks, self._cost_model)
-        replies = Replies()
+        cache = TieredCache(cfg.block_size, device_blocks, host_blocks, self._cost_model)
         stop_ids = frozenset(self._loaded.tokenizer.eos_token_ids)
-        self._scheduler = Scheduler(
-            self.cache, cfg, self.max_context, stop_ids, replies, self.counters
-        )
-        self._swapper = Swapper(self.device_pool, host_pool, replies, self.counters)
-        self._executor = Executor(model, self.device_pool, replies, self._swapper.wait_for_layer)
+        self._scheduler = Scheduler(cache, cfg, self.max_context, stop_ids, layers)
+        swapper = Swapper(device_pool, host_pool)
+        executor = Executor(model, device_pool)
         self._sessions = SessionManager(
-            self._loaded.tokenizer,
-            self.cache,
-            self._scheduler,
-            self.max_context,
-            cfg.max_queue,
-            stateless=cfg.mode == "stateless",
+            self._loaded.tokenizer, self._scheduler, self.max_context, cfg.mode == "stateless"
         )
-        self._scheduler.connect(self._executor, self._swapper, self._sessions)
-        for actor in (self._swapper, self._executor, self._scheduler, self._sessions):
+        self._scheduler.connect(executor, swapper, self._sessions)
+        self._actors = [swapper, executor, self._scheduler, self._sessions]
+        for actor in self._actors:
             actor.start()
         self._started = True
         return self
 
     async def stop(self) -> None:
-        """Cancel what is in flight, stop every actor, and wait for their tasks and threads."""
+        """Cancel what is in flight, deliver the final events, and stop every actor."""
         if not self._started:
             return
+        await self._ask(self._scheduler, Shutdown)  # every request finishes as cancelled
+        await self._ask(self._sessions, Shutdown)  # and its final events reach its stream
         self._started = False
-        await self._scheduler.stop()
-        await asyncio.sleep(0)
-        while not self._sessions.mailbox.empty():  # deliver the final events
-            await self._sessions.handle(self._sessions.mailbox.get_nowait())
-        for actor in (self._sessions, self._executor, self._swapper):
+        for actor in self._actors:
             await actor.stop()
 
     async def __aenter__(self) -> Engine:
@@ -204,6 +214,14 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def _ask(self, actor: Actor, make: Callable[..., Any], **fields: Any) -> Any:
+        """Send a question to an actor and wait for its answer."""
+        if not self._started:
+            raise EngineError("the engine is not running")
+        reply = asyncio.get_running_loop().create_future()
+        actor.send(make(reply=reply, **fields))
+        return await reply
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -215,14 +233,16 @@ class Engine:
     ) -> ChatStream:
         """Stream the reply to `messages` (OpenAI-style dicts), continuing a cached conversation
         named by `conversation_id` or found by its token prefix."""
-        return ChatStream(self, messages, conversation_id, sampling or SamplingParams())
+        sampling = sampling or SamplingParams()
 
-    def _open(
-        self, messages: object, conversation_id: str | None, sampling: SamplingParams
-    ) -> OpenRequest:
-        if not self._started:
-            raise EngineError("the engine is not running")
-        return self._sessions.open(messages, conversation_id, sampling)
+        def open_turn(queue: asyncio.Queue) -> int:
+            if not self._started:
+                raise EngineError("the engine is not running")
+            rid = next(self._request_ids)
+            self._sessions.send(OpenTurn(rid, messages, conversation_id, sampling, queue))
+            return rid
+
+        return ChatStream(open_turn, lambda message: self._sessions.send(message))
 
     @property
     def tokenizer(self) -> ChatTokenizer:
@@ -244,58 +264,33 @@ class Engine:
     def model_name(self) -> str:
         return self._loaded.name if self._loaded else "unloaded"
 
-    # ---- conversations and counters -----------------------------------------------------
+    # ---- conversations and counters (answered by the scheduler) -------------------------
 
-    def _info(self, cid: str) -> ConversationInfo:
-        conv = self.cache.conversations[cid]
-        device, host, dropped = conv.tier_tokens(self.cache.block_size)
-        wall = time.time() - (time.monotonic() - conv.last_active)
-        return ConversationInfo(
-            cid, len(conv.tokens), device, host, dropped, wall, conv.turns, conv.owner is not None
-        )
+    async def conversations(self) -> list[ConversationInfo]:
+        return await self._ask(self._scheduler, ListConversations)
 
-    def conversations(self) -> list[ConversationInfo]:
-        return [self._info(cid) for cid in list(self.cache.conversations)]
-
-    def conversation(self, conversation_id: str) -> ConversationInfo:
-        if conversation_id not in self.cache.conversations:
+    async def conversation(self, conversation_id: str) -> ConversationInfo:
+        found = await self._ask(self._scheduler, ListConversations, conversation_id=conversation_id)
+        if not found:
             raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")
-        return self._info(conversation_id)
+        return found[0]
 
     async def delete_conversation(self, conversation_id: str) -> None:
-        reply_to, done = self._scheduler.replies.open()
-        self._scheduler.send(DeleteConversation(conversation_id, reply_to))
-        if not await done:
+        existed = await self._ask(
+            self._scheduler, DeleteConversation, conversation_id=conversation_id
+        )
+        if not existed:
             raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")
 
-    def blocks_in_use(self) -> int:
-        host = self.cache.host.num_used if self.cache.host else 0
-        return self.cache.device.num_used + host
+    async def stats(self) -> EngineStats:
+        return await self._ask(self._scheduler, GetStats)
 
-    def check_accounting(self) -> None:
+    async def blocks_in_use(self) -> int:
+        stats = await self.stats()
+        return stats.device_blocks_used + stats.host_blocks_used
+
+    async def check_accounting(self) -> None:
         """Every block is free or owned by exactly one chunk of a live conversation."""
-        self.cache.check()
-
-    def stats(self) -> EngineStats:
-        c, cache = self.counters, self.cache
-        return EngineStats(
-            requests_total=c.requests,
-            requests_running=len(self._scheduler.running),
-            requests_waiting=len(self._scheduler.waiting),
-            prompt_tokens_total=c.prompt_tokens,
-            cached_tokens_total=c.cached_tokens,
-            computed_prompt_tokens_total=c.computed_prompt_tokens,
-            recomputed_tokens_total=c.recomputed_tokens,
-            generated_tokens_total=c.generated_tokens,
-            swap_out_blocks_total=c.swap_out_blocks,
-            swap_in_blocks_total=c.swap_in_blocks,
-            dropped_tokens_total=cache.dropped_chunks * cache.block_size,
-            preemptions_total=c.preemptions,
-            device_blocks_used=cache.device.num_used,
-            device_blocks_total=cache.device.num_blocks,
-            host_blocks_used=cache.host.num_used if cache.host else 0,
-            host_blocks_total=cache.host.num_blocks if cache.host else 0,
-            block_size=cache.block_size,
-            steps_total=c.steps,
-            conversations=len(cache.conversations),
-        )
+        problem = await self._ask(self._scheduler, CheckAccounting)
+        if problem is not None:
+            raise AssertionError(problem)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pensieve.messages import ErrorInfo
+
 
 class PensieveError(Exception):
     """Base error: `status` is the HTTP status the server answers with."""
@@ -65,3 +70,30 @@ class EngineError(PensieveError):
     """An actor failed while serving this request; the engine keeps serving others."""
 
     type = "server_error"
+
+
+def to_info(exc: Exception) -> ErrorInfo:
+    """An exception as data that can travel in a message."""
+    from pensieve.messages import ErrorInfo
+
+    if isinstance(exc, PensieveError):
+        return ErrorInfo(type(exc).__name__, exc.message, exc.param, exc.code)
+    return ErrorInfo("EngineError", f"{type(exc).__name__}: {exc}")
+
+
+def from_info(info: ErrorInfo) -> PensieveError:
+    """The PensieveError an ErrorInfo describes."""
+    kinds = {cls.__name__: cls for cls in _subclasses(PensieveError)}
+    cls = kinds.get(info.kind, EngineError)
+    if cls is ContextLengthError:
+        return ContextLengthError(info.message, param=info.param)
+    if cls is OverloadedError:
+        return OverloadedError(info.message)
+    return cls(info.message, param=info.param, code=info.code)
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out

@@ -1,10 +1,23 @@
-"""Every message that crosses between actors, as msgspec Structs.
+"""Every message that crosses between actors, and every item of a turn's stream, as msgspec
+Structs.
 
-Flow of one turn: SessionManager --Submit--> Scheduler --SwapOrder--> Swapper,
-Scheduler --StepPlan--> Executor --StepResult--> Scheduler --TokenEvent--> SessionManager.
+One turn: ChatStream --OpenTurn--> SessionManager --Submit--> Scheduler, which answers Accepted
+(or Rejected); each step Scheduler --SwapOrder--> Swapper and Scheduler --StepPlan--> Executor,
+whose StepResult comes back; Scheduler --TokenEvent--> SessionManager --Started/Delta/Finished-->
+ChatStream.
+
+A message that asks a question carries its reply address: a future (`reply`) owned by the asker
+and resolved by the actor that answers. A turn's stream is a queue owned by its ChatStream. The
+one object that is not a message is `LayerProgress`: a one-shot channel that travels inside a
+SwapOrder and a StepPlan so that the executor's thread waits on the swapper's copy thread layer by
+layer without either actor touching the other.
 """
 
 from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
 
 import msgspec
 
@@ -18,15 +31,26 @@ class Usage(msgspec.Struct):
     recomputed_tokens: int = 0  # dropped history tokens computed again
 
 
-class Submit(msgspec.Struct):
-    """A turn to serve: make `prompt_tokens` the conversation's history and generate."""
+class ErrorInfo(msgspec.Struct):
+    """A PensieveError as data, so that it can travel in a message (see errors.from_info)."""
+
+    kind: str  # the PensieveError subclass name
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+# ---- client -> session manager ----------------------------------------------------------------
+
+
+class OpenTurn(msgspec.Struct):
+    """Serve one turn; everything that happens to it arrives on `stream`."""
 
     request_id: int
-    conversation_id: str
-    prompt_tokens: list[int]
+    messages: Any  # OpenAI-style message dicts, validated by the session manager
+    conversation_id: str | None  # None: continue the conversation whose history this resends
     sampling: SamplingParams
-    keep_cache: bool = True  # False in stateless mode: forget the conversation afterwards
-    named: bool = False  # the client named the conversation (explicit id)
+    stream: asyncio.Queue  # receives Started, Delta and Finished
 
 
 class Cancel(msgspec.Struct):
@@ -36,9 +60,55 @@ class Cancel(msgspec.Struct):
     reason: str = "cancelled"
 
 
-class DeleteConversation(msgspec.Struct):
+# ---- stream items (session manager -> ChatStream) ------------------------------------------
+
+
+class Started(msgspec.Struct):
+    """The turn was accepted: which conversation it continues, and its prompt length."""
+
     conversation_id: str
-    reply_to: int
+    prompt_tokens: int
+
+
+class Delta(msgspec.Struct):
+    text: str  # may be "" while a multi-byte character or a possible stop string is held back
+    token_ids: list[int]
+
+
+class Finished(msgspec.Struct):
+    """The last item of a turn's stream. `error` set: it failed (before Started: rejected)."""
+
+    reason: str  # "stop", "length", "cancelled", "error"
+    usage: Usage
+    error: ErrorInfo | None = None
+
+
+# ---- session manager <-> scheduler -----------------------------------------------------------
+
+
+class Submit(msgspec.Struct):
+    """A turn to serve: make `prompt_tokens` the conversation's history and generate."""
+
+    request_id: int
+    conversation_id: str | None  # None: resolve by token prefix (or start a new conversation)
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    keep_cache: bool = True  # False in stateless mode: forget the conversation afterwards
+    match_prefix: bool = True  # may continue a stored conversation this prompt resends
+
+
+class Accepted(msgspec.Struct):
+    """The scheduler queued the request on this conversation."""
+
+    request_id: int
+    conversation_id: str
+
+
+class Rejected(msgspec.Struct):
+    """The scheduler refused the request before queueing it (e.g. the queue is full)."""
+
+    request_id: int
+    error: ErrorInfo
 
 
 class TokenEvent(msgspec.Struct):
@@ -51,14 +121,71 @@ class TokenEvent(msgspec.Struct):
     error: str | None = None
 
 
+# ---- engine -> scheduler: questions about the cache it owns -------------------------------
+
+
+class DeleteConversation(msgspec.Struct):
+    conversation_id: str
+    reply: asyncio.Future  # -> bool: whether it existed
+
+
+class ListConversations(msgspec.Struct):
+    reply: asyncio.Future  # -> list[ConversationInfo]
+    conversation_id: str | None = None  # only this one (empty list if unknown)
+
+
+class GetStats(msgspec.Struct):
+    reply: asyncio.Future  # -> EngineStats
+
+
+class CheckAccounting(msgspec.Struct):
+    """Check every block's owner (tests); the reply is None or the AssertionError text."""
+
+    reply: asyncio.Future  # -> str | None
+
+
+class Shutdown(msgspec.Struct):
+    """Finish every request as cancelled; resolved once the actor has processed all before it."""
+
+    reply: asyncio.Future  # -> None
+
+
+# ---- scheduler <-> executor, swapper ---------------------------------------------------------
+
+
+class LayerProgress:
+    """A restore's progress, layer by layer: set by the swapper's thread, awaited by the
+    executor's. Created by the scheduler, so it exists before either side looks at it."""
+
+    def __init__(self, num_layers: int):
+        self.ready = [threading.Event() for _ in range(num_layers)]
+        self.cuda_events: list[Any] = [None] * num_layers  # per-layer CUDA events on a GPU host
+        self.error: str | None = None
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        for event in self.ready:
+            event.set()
+
+    def wait(self, layer: int) -> None:
+        """Block until `layer` landed (on a GPU host: order the current stream after it)."""
+        self.ready[layer].wait()
+        if self.error is not None:
+            raise RuntimeError(f"swap-in failed: {self.error}")
+        event = self.cuda_events[layer]
+        if event is not None:
+            import torch
+
+            torch.cuda.current_stream(event.device).wait_event(event)
+
+
 class SequenceRows(msgspec.Struct):
     """One sequence's part of a step: its input tokens with their true positions."""
 
     request_id: int
     tokens: list[int]
     positions: list[int]
-    slots: list[int]
-    block_table: list[int]
+    block_table: list[int]  # device block of each chunk; -1 where the chunk is not on device
     context_len: int
     sample: bool  # the last row completes the prompt or is a decode row: sample a token
     sampling: SamplingParams
@@ -67,8 +194,8 @@ class SequenceRows(msgspec.Struct):
 class StepPlan(msgspec.Struct):
     step_id: int
     rows: list[SequenceRows]
-    swap_in_ticket: int | None = None  # layer-wise restore this step's attention waits for
-    reply_to: int = 0
+    reply: asyncio.Future  # -> StepResult
+    restore: LayerProgress | None = None  # the swap-in this step's attention waits for
 
 
 class StepResult(msgspec.Struct):
@@ -78,15 +205,24 @@ class StepResult(msgspec.Struct):
     error: str | None = None
 
 
+class Forget(msgspec.Struct):
+    """These requests ended: drop their per-request state (sampling generators)."""
+
+    request_ids: list[int]
+
+
 class SwapOrder(msgspec.Struct):
     """Copy blocks between tiers, layer by layer. direction: "in" (host->device) or "out"."""
 
-    ticket: int
     direction: str
     pairs: list[tuple[int, int]]  # (source block, destination block)
+    reply: asyncio.Future  # -> SwapDone
+    progress: LayerProgress | None = None  # signalled per layer (swap-in)
 
 
 class SwapDone(msgspec.Struct):
-    ticket: int
+    """A SwapOrder's outcome: either every pair was copied, or `error` says why none counts."""
+
     blocks: int
     seconds: float
+    error: str | None = None

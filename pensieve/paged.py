@@ -10,6 +10,7 @@ import torch
 
 from pensieve import kernels
 from pensieve.block_allocator import KVPool
+from pensieve.messages import SequenceRows
 
 
 @dataclass
@@ -21,31 +22,39 @@ class StepMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     query_start: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
+    sample_rows: torch.Tensor  # [S] int64: the last row of each sequence that samples
 
     @classmethod
-    def build(
-        cls,
-        slots: list[int],
-        positions: list[int],
-        block_tables: list[list[int]],
-        query_lens: list[int],
-        context_lens: list[int],
-        device: torch.device,
-    ) -> StepMetadata:
-        width = max((len(t) for t in block_tables), default=1) or 1
-        table = torch.full((len(block_tables), width), -1, dtype=torch.int32)
-        for i, row in enumerate(block_tables):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        as_int = lambda xs, dt=torch.int32: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+    def build(cls, rows: list[SequenceRows], block_size: int, device: torch.device) -> StepMetadata:
+        """Tensors for a step's rows; slots come from the block tables with array operations."""
+        width = max((len(r.block_table) for r in rows), default=1) or 1
+        table = torch.full((len(rows), width), -1, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            table[i, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
+        query_lens = torch.tensor([len(r.tokens) for r in rows], dtype=torch.int64)
+        starts = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        torch.cumsum(query_lens, 0, out=starts[1:])
+        positions = torch.tensor([p for r in rows for p in r.positions], dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(rows)), query_lens)
+        chunk = positions // block_size
+        if bool((chunk >= width).any()):
+            raise ValueError("a position lies past its sequence's block table")
+        blocks = table[owner, chunk].long()
+        if bool((blocks < 0).any()):
+            i = int(torch.nonzero(blocks < 0)[0])
+            rid = rows[int(owner[i])].request_id
+            raise ValueError(f"request {rid}: position {int(positions[i])} is not on device")
+        slots = blocks * block_size + positions % block_size
+        sample_rows = torch.tensor(
+            [int(starts[i + 1]) - 1 for i, r in enumerate(rows) if r.sample], dtype=torch.int64
+        )
         return cls(
-            slot_mapping=as_int(slots, torch.int64),
-            positions=as_int(positions),
+            slot_mapping=slots.to(device),
+            positions=positions.to(torch.int32).to(device),
             block_tables=table.to(device),
-            query_start=as_int(starts),
-            context_lens=as_int(context_lens),
+            query_start=starts.to(torch.int32).to(device),
+            context_lens=torch.tensor([r.context_len for r in rows], dtype=torch.int32).to(device),
+            sample_rows=sample_rows.to(device),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from pensieve.messages import Usage
 from pensieve.sampling import SamplingParams
@@ -21,7 +22,6 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # (token, position) to compute
     usage: Usage | None = None  # set at first admission
-    cancel_reason: str | None = None
 
     @property
     def target(self) -> list[int]:
@@ -37,3 +37,6 @@ class Sequence:
         if len(self.generated) >= self.max_tokens or len(self.target) >= max_context:
             return "length"
         return None
+
+
+Rows: TypeAlias = "tuple[Sequence, list[tuple[int, int]]]"  # a sequence and its inputs in a step

@@ -1,15 +1,20 @@
-"""Engine counters, and the snapshot the library and the server's /metrics expose."""
+"""Engine counters, and the snapshots the library and the server's /metrics expose."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from pensieve.cache import TieredCache
 
 
 @dataclass
 class Counters:
-    """Monotonic counts, bumped by the actors as they work."""
+    """Monotonic counts, owned and bumped by the scheduler."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -21,7 +26,6 @@ class Counters:
     swap_in_blocks: int = 0
     preemptions: int = 0
     steps: int = 0
-    step_seconds: float = 0.0
 
 
 class EngineStats(msgspec.Struct):
@@ -55,3 +59,36 @@ class ConversationInfo(msgspec.Struct):
     last_active: float  # unix seconds
     turns: int
     active: bool
+
+
+def conversation_info(cache: TieredCache, cid: str) -> ConversationInfo:
+    conv = cache.conversations[cid]
+    device, host, dropped = conv.tier_tokens(cache.block_size)
+    wall = time.time() - (cache.clock() - conv.last_active)
+    return ConversationInfo(
+        cid, len(conv.tokens), device, host, dropped, wall, conv.turns, conv.owner is not None
+    )
+
+
+def engine_stats(c: Counters, cache: TieredCache, running: int, waiting: int) -> EngineStats:
+    return EngineStats(
+        requests_total=c.requests,
+        requests_running=running,
+        requests_waiting=waiting,
+        prompt_tokens_total=c.prompt_tokens,
+        cached_tokens_total=c.cached_tokens,
+        computed_prompt_tokens_total=c.computed_prompt_tokens,
+        recomputed_tokens_total=c.recomputed_tokens,
+        generated_tokens_total=c.generated_tokens,
+        swap_out_blocks_total=c.swap_out_blocks,
+        swap_in_blocks_total=c.swap_in_blocks,
+        dropped_tokens_total=cache.dropped_chunks * cache.block_size,
+        preemptions_total=c.preemptions,
+        device_blocks_used=cache.device.num_used,
+        device_blocks_total=cache.device.num_blocks,
+        host_blocks_used=cache.host.num_used if cache.host else 0,
+        host_blocks_total=cache.host.num_blocks if cache.host else 0,
+        block_size=cache.block_size,
+        steps_total=c.steps,
+        conversations=len(cache.conversations),
+    )

@@ -111,9 +111,9 @@ async def test_stateful_equals_stateless_under_pressure(
     )
     async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
         records = await replay(engine, n_convs=4, turns=4, seed=seed, explicit_ids=seed == 1)
-        stats = engine.stats()
-        engine.check_accounting()
-        assert all(not c.active for c in engine.conversations())
+        stats = await engine.stats()
+        await engine.check_accounting()
+        assert all(not c.active for c in (await engine.conversations()))
     assert_matches_reference(tiny, records)
     later = [r for r in records if len(r[0]) > 60]
     assert later, "the replay should build up history"
@@ -137,20 +137,20 @@ async def test_cancel_mid_stream_frees_everything(tiny: LoadedModel) -> None:
                 break
         await stream.aclose()
         assert stream.finish_reason == "cancelled"
-        engine.check_accounting()
-        info = engine.conversation("c")
+        await engine.check_accounting()
+        info = (await engine.conversation("c"))
         assert not info.active
-        assert engine.blocks_in_use() == -(-info.tokens_total // 16)
+        assert (await engine.blocks_in_use()) == -(-info.tokens_total // 16)
         await engine.delete_conversation("c")
-        assert engine.blocks_in_use() == 0
+        assert (await engine.blocks_in_use()) == 0
 
 
 async def test_stateless_mode_forgets(tiny: LoadedModel) -> None:
     config = EngineConfig(block_size=16, mode="stateless", profile_cost=False)
     async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
         records = await replay(engine, n_convs=2, turns=2, seed=3, explicit_ids=False)
-        assert engine.stats().cached_tokens_total == 0
-        assert engine.blocks_in_use() == 0 and engine.conversations() == []
+        assert (await engine.stats()).cached_tokens_total == 0
+        assert (await engine.blocks_in_use()) == 0 and (await engine.conversations()) == []
     assert_matches_reference(tiny, records)
 
 
@@ -171,8 +171,8 @@ async def test_default_model_stateful_equals_stateless_with_swaps_and_drops(
     )
     async with Engine(config, loaded=loaded, cost_model=CostModel.linear()) as engine:
         records = await replay(engine, n_convs=3, turns=3, seed=5, explicit_ids=False)
-        stats = engine.stats()
-        engine.check_accounting()
+        stats = await engine.stats()
+        await engine.check_accounting()
     assert stats.cached_tokens_total > 0 and stats.swap_out_blocks_total > 0
     assert stats.dropped_tokens_total > 0
     assert_matches_reference(loaded, records)
@@ -184,11 +184,11 @@ async def test_anonymous_request_never_takes_over_a_named_conversation(tiny: Loa
         greedy = SamplingParams(temperature=0, max_tokens=4)
         first = [{"role": "user", "content": "hi"}]
         await engine.chat(first, "demo", greedy).text()
-        before = engine.conversation("demo").tokens_total
+        before = (await engine.conversation("demo")).tokens_total
         other = engine.chat([{"role": "user", "content": "hi there, who are you?"}], None, greedy)
         await other.text()
         assert other.conversation_id != "demo"
-        assert engine.conversation("demo").tokens_total == before
+        assert (await engine.conversation("demo")).tokens_total == before
         # an anonymous client resending its own history does find its conversation again
         history = [
             {"role": "user", "content": "hi there, who are you?"},
@@ -199,4 +199,4 @@ async def test_anonymous_request_never_takes_over_a_named_conversation(tiny: Loa
         await again.text()
         assert again.conversation_id == other.conversation_id
         assert again.usage.cached_tokens > 0
-        engine.check_accounting()
+        await engine.check_accounting()

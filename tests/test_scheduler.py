@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 
-from pensieve.actors.base import Actor, Replies
+from pensieve.actors.base import Actor
 from pensieve.actors.scheduler import Scheduler
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
-from pensieve.messages import Cancel, StepPlan, StepResult, Submit, SwapDone, SwapOrder, TokenEvent
+from pensieve.messages import (
+    Accepted,
+    Cancel,
+    Forget,
+    Rejected,
+    StepPlan,
+    StepResult,
+    Submit,
+    SwapDone,
+    SwapOrder,
+    TokenEvent,
+)
 from pensieve.policy import CostModel
 from pensieve.sampling import SamplingParams
-from pensieve.stats import Counters
 
 EOS = 0
 
@@ -19,43 +29,59 @@ EOS = 0
 class FakeExecutor(Actor):
     """Samples (last input token + 1) for every sequence that asks; records each plan."""
 
-    def __init__(self, replies: Replies):
+    def __init__(self) -> None:
         super().__init__()
-        self.replies = replies
         self.plans: list[StepPlan] = []
 
-    async def handle(self, message: StepPlan | list[int]) -> None:
-        if isinstance(message, list):
+    async def handle(self, message: StepPlan | Forget) -> None:
+        if isinstance(message, Forget):
             return
         self.plans.append(message)
         sampled = {r.request_id: r.tokens[-1] % 1000 + 1 for r in message.rows if r.sample}
-        self.replies.resolve(message.reply_to, StepResult(message.step_id, sampled, 0.0))
+        message.reply.set_result(StepResult(message.step_id, sampled, 0.0))
 
 
 class FakeSwapper(Actor):
-    def __init__(self, replies: Replies):
+    """Answers every order at once; `fail` makes the next orders of a direction fail."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.replies = replies
         self.orders: list[SwapOrder] = []
+        self.fail: set[str] = set()
 
     async def handle(self, message: SwapOrder) -> None:
         self.orders.append(message)
-        self.replies.resolve(message.ticket, SwapDone(message.ticket, len(message.pairs), 0.0))
+        if message.direction in self.fail:
+            if message.progress is not None:
+                message.progress.fail("injected")
+            message.reply.set_result(SwapDone(0, 0.0, error="injected copy failure"))
+            return
+        message.reply.set_result(SwapDone(len(message.pairs), 0.0))
 
 
 class Sink(Actor):
+    """Stands in for the session manager: records what the scheduler tells it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.events: dict[int, list[TokenEvent]] = {}
+        self.accepted: dict[int, str] = {}
+        self.rejected: dict[int, Rejected] = {}
         self.finished: dict[int, asyncio.Event] = {}
 
     def done(self, rid: int) -> asyncio.Event:
         return self.finished.setdefault(rid, asyncio.Event())
 
-    async def handle(self, message: TokenEvent) -> None:
-        self.events.setdefault(message.request_id, []).append(message)
-        if message.finish_reason is not None:
+    async def handle(self, message: TokenEvent | Accepted | Rejected) -> None:
+        if isinstance(message, Accepted):
+            self.accepted[message.request_id] = message.conversation_id
+        elif isinstance(message, Rejected):
+            self.rejected[message.request_id] = message
             self.done(message.request_id).set()
+        else:
+            self.events.setdefault(message.request_id, []).append(message)
+            if message.finish_reason is not None:
+                self.done(message.request_id).set()
 
 
 class Harness:
@@ -75,9 +101,8 @@ class Harness:
             cfg.host_cache_tokens // cfg.block_size,
             CostModel.linear(),
         )
-        replies = Replies()
-        self.scheduler = Scheduler(self.cache, cfg, 10_000, frozenset({EOS}), replies, Counters())
-        self.executor, self.swapper, self.sink = FakeExecutor(replies), FakeSwapper(replies), Sink()
+        self.scheduler = Scheduler(self.cache, cfg, 10_000, frozenset({EOS}), num_layers=2)
+        self.executor, self.swapper, self.sink = FakeExecutor(), FakeSwapper(), Sink()
         self.scheduler.connect(self.executor, self.swapper, self.sink)
         self._next = 0
 
@@ -90,10 +115,12 @@ class Harness:
         for actor in (self.scheduler, self.executor, self.swapper, self.sink):
             await actor.stop()
 
-    def submit(self, cid: str, prompt: list[int], max_tokens: int = 3) -> int:
+    def submit(
+        self, cid: str | None, prompt: list[int], max_tokens: int = 3, keep: bool = True
+    ) -> int:
         self._next += 1
         sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
-        self.scheduler.send(Submit(self._next, cid, prompt, sampling))
+        self.scheduler.send(Submit(self._next, cid, prompt, sampling, keep_cache=keep))
         return self._next
 
     async def wait(self, *rids: int) -> None:
@@ -101,6 +128,9 @@ class Harness:
 
     def tokens(self, rid: int) -> list[int]:
         return [t for e in self.sink.events[rid] for t in e.tokens]
+
+    def finish(self, rid: int) -> TokenEvent:
+        return self.sink.events[rid][-1]
 
 
 async def test_no_step_exceeds_budget_and_long_prompts_are_chunked() -> None:
@@ -164,8 +194,8 @@ async def test_pressure_suspends_newest_and_everything_finishes() -> None:
 async def test_cancel_frees_blocks_at_once() -> None:
     async with Harness() as h:
         rid = h.submit("z", [3, 4, 5], max_tokens=10_000)
-        while rid not in h.sink.events:
-            await asyncio.sleep(0.001)
+        while rid not in h.sink.events:  # the first token came back: it is running
+            await asyncio.sleep(0)
         h.scheduler.send(Cancel(rid, "cancelled"))
         await h.wait(rid)
         assert h.sink.events[rid][-1].finish_reason == "cancelled"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,16 +70,18 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-async def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> None:
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
-    while not check():
+    while not await check():
         assert time.monotonic() < deadline, "timed out waiting for the engine"
         await asyncio.sleep(0.05)
 
 
-def idle(engine: Engine) -> bool:
-    stats = engine.stats()
-    return stats.requests_running == 0 and stats.requests_waiting == 0
+async def settled(server: Server) -> bool:
+    """Nothing runs or waits in the engine, and no generation is in flight in the server."""
+    stats = await server.engine.stats()
+    idle = stats.requests_running == 0 and stats.requests_waiting == 0
+    return idle and server.state.in_flight == 0
 
 
 async def test_health_and_models(server: Server) -> None:
@@ -323,13 +325,13 @@ async def test_client_disconnect_cancels_generation_without_leaking(
     server: Server, stream: bool
 ) -> None:
     engine = server.engine
-    for conversation in engine.conversations():  # start from an empty cache
+    for conversation in await engine.conversations():  # start from an empty cache
         async with server.http.delete(f"{server.url}/v1/conversations/{conversation.id}") as resp:
             assert resp.status == 200
-    assert engine.blocks_in_use() == 0
+    assert (await engine.blocks_in_use()) == 0
     cid = f"disconnect-{stream}"
     body = chat_body(max_tokens=2000, ignore_eos=True, stream=stream)
-    generated = engine.stats().generated_tokens_total
+    generated = (await engine.stats()).generated_tokens_total
     if stream:
         resp = await server.http.post(server.chat_url(), json=body, headers={"X-Session-ID": cid})
         assert resp.status == 200
@@ -341,13 +343,13 @@ async def test_client_disconnect_cancels_generation_without_leaking(
             await server.http.post(
                 server.chat_url(), json=body, headers={"X-Session-ID": cid}, timeout=timeout
             )
-    await wait_until(lambda: idle(engine) and server.state.in_flight == 0)
-    assert engine.stats().generated_tokens_total - generated < 1000
+    await wait_until(lambda: settled(server))
+    assert (await engine.stats()).generated_tokens_total - generated < 1000
     # what is left is at most this conversation's cache; dropping it empties the tiers
-    if cid in {c.id for c in engine.conversations()}:
+    if cid in {c.id for c in (await engine.conversations())}:
         await engine.delete_conversation(cid)
-    assert engine.blocks_in_use() == 0
-    engine.check_accounting()
+    assert (await engine.blocks_in_use()) == 0
+    await engine.check_accounting()
 
 
 async def test_metrics(server: Server) -> None:
@@ -365,7 +367,7 @@ async def test_metrics(server: Server) -> None:
     assert samples[("pensieve_http_requests_total", (route, ("status", "499")))] >= 1
     assert samples[("pensieve_time_to_first_token_seconds_count", ())] >= 10
     assert samples[("pensieve_time_per_output_token_seconds_count", ())] >= 10
-    stats = server.engine.stats()
+    stats = await server.engine.stats()
     assert samples[("pensieve_prompt_tokens_total", ())] == stats.prompt_tokens_total
     assert samples[("pensieve_cached_prompt_tokens_total", ())] == stats.cached_tokens_total > 0
     assert 0 < samples[("pensieve_cached_token_ratio", ())] < 1
@@ -397,6 +399,6 @@ async def test_draining_refuses_new_requests_and_cancels_past_grace(server: Serv
     async with server.http.get(server.url + "/health") as health:
         assert health.status == 503
     await server.stop()  # aiohttp cancels the handler still streaming
-    await wait_until(lambda: idle(engine) and server.state.in_flight == 0)
+    await wait_until(lambda: settled(server))
     resp.close()
-    engine.check_accounting()
+    await engine.check_accounting()

@@ -121,12 +121,12 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def list_conversations(request: web.Request) -> web.Response:
     engine = request.app[STATE].ready_engine()
-    return json_response(ListResponse(data=engine.conversations()))
+    return json_response(ListResponse(data=await engine.conversations()))
 
 
 async def get_conversation(request: web.Request) -> web.Response:
     engine = request.app[STATE].ready_engine()
-    return json_response(engine.conversation(request.match_info["cid"]))
+    return json_response(await engine.conversation(request.match_info["cid"]))
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
@@ -138,8 +138,9 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    stats = await state.engine.stats() if state.engine is not None else None
     return web.Response(
-        body=state.metrics.render(), headers={"Content-Type": state.metrics.content_type}
+        body=state.metrics.render(stats), headers={"Content-Type": state.metrics.content_type}
     )
 
 

@@ -2,13 +2,13 @@
 
 Each app owns a CollectorRegistry (never the global one) so that tests can run several apps in
 one process. The server records what only it sees (HTTP status, time to first token, time per
-output token); engine counters are read from engine.stats() at scrape time by a custom
+output token); engine counters are asked of the engine at scrape time and exported by a custom
 collector, so they are never double-counted and cost nothing between scrapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -44,16 +44,15 @@ TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class EngineCollector(Collector):
-    """Exports engine.stats() at scrape time; yields nothing while no engine is loaded."""
+    """Exports the engine's stats taken for this scrape; nothing while no engine is loaded."""
 
-    def __init__(self, get_engine: Callable[[], Any]):
-        self._get_engine = get_engine
+    def __init__(self) -> None:
+        self.stats: Any = None
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._get_engine()
-        if engine is None:
+        stats = self.stats
+        if stats is None:
             return
-        stats = engine.stats()
         for name, field, doc in ENGINE_COUNTERS:
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(stats, field))
         for name, field, doc in ENGINE_GAUGES:
@@ -86,7 +85,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, get_engine: Callable[[], Any]):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             PREFIX + "http_requests",
@@ -106,7 +105,8 @@ class ServerMetrics:
             buckets=TPOT_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(EngineCollector(get_engine))
+        self.engine = EngineCollector()
+        self.registry.register(self.engine)
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -116,5 +116,7 @@ class ServerMetrics:
         if completion_tokens > 1:
             self.tpot.observe(decode_s / (completion_tokens - 1))
 
-    def render(self) -> bytes:
+    def render(self, engine_stats: Any = None) -> bytes:
+        """The exposition text, with `engine_stats` (an EngineStats, or None) as engine metrics."""
+        self.engine.stats = engine_stats
         return generate_latest(self.registry)

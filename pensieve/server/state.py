@@ -38,7 +38,7 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.draining = False
         self.started = now()
-        self.metrics = ServerMetrics(lambda: self.engine)
+        self.metrics = ServerMetrics()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
