@@ -280,7 +280,8 @@ class Scheduler(Actor):
                     continue
                 if taken is None:
                     skipped.append(seq)
-                elif taken == 0:
+                    continue
+                if taken == 0:
                     self.waiting.appendleft(seq)  # no room now: wait for the running ones
                     break
                 budget -= taken

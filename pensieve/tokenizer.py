@@ -22,71 +22,31 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from pensieve.chat_messages import ROLE_ALIASES, parse_messages
 from pensieve.errors import InvalidRequestError, ModelLoadError
 from pensieve.weights.loader import read_json
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
-_ROLE_ALIASES = {"developer": "system"}
 _REPLACEMENT = "\ufffd"
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check an OpenAI-style message list; return copies with text content and mapped roles.
 
-    Content given as a list of text parts is joined with newlines (as vLLM does); "developer" is
-    rendered as "system", which is what chat templates written before that role expect.
+    The rules are pensieve.chat_messages' (the server decodes requests with the same Structs);
+    errors are InvalidRequestError naming the param `messages`. Content given as a list of text
+    parts is joined with newlines (as vLLM does), an assistant's null or absent content becomes
+    "", and "developer" is rendered as "system", which is what chat templates written before
+    that role expect. Other keys of each message dict are kept for the template.
     """
-    if not isinstance(messages, list):
-        raise InvalidRequestError(
-            "messages must be a list of {role, content} objects", param="messages"
-        )
-    if not messages:
-        raise InvalidRequestError("messages must contain at least one message", param="messages")
-    return [_validate_message(index, message) for index, message in enumerate(messages)]
-
-
-def _validate_message(index: int, message: Any) -> dict[str, Any]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise InvalidRequestError(
-            f"{where} must be an object with role and content", param="messages"
-        )
-    role = message.get("role")
-    if role not in ROLES:
-        raise InvalidRequestError(
-            f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})", param="messages"
-        )
-    if "content" not in message:
-        raise InvalidRequestError(f"{where}.content is required", param="messages")
-    normalized = dict(message)
-    normalized["role"] = _ROLE_ALIASES.get(role, role)
-    normalized["content"] = _content_text(where, message["content"])
-    return normalized
-
-
-def _content_text(where: str, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequestError(
-            f"{where}.content must be a string or a list of text parts", param="messages"
-        )
-    texts = []
-    for index, part in enumerate(content):
-        at = f"{where}.content[{index}]"
-        if not isinstance(part, dict):
-            raise InvalidRequestError(
-                f'{at} must be an object {{"type": "text", "text": ...}}', param="messages"
-            )
-        if part.get("type") != "text":
-            raise InvalidRequestError(
-                f"{at}.type must be 'text' (got {part.get('type')!r}); only text is supported",
-                param="messages",
-            )
-        if not isinstance(part.get("text"), str):
-            raise InvalidRequestError(f"{at}.text must be a string", param="messages")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    parsed = parse_messages(messages, param="messages")
+    return [
+        {
+            **(original if isinstance(original, dict) else {}),
+            "role": ROLE_ALIASES.get(msg.role, msg.role),
+            "content": msg.text(),
+        }
+        for original, msg in zip(messages, parsed, strict=True)
+    ]
 
 
 class _GenerationTag(Extension):
@@ -273,6 +233,17 @@ class IncrementalDecoder:
     makes decoders that depend on neighbours (SentencePiece's leading space) agree with a full
     decode, and text is held back while it ends in U+FFFD (an incomplete multi-byte character).
     Deltas concatenated with `flush()` equal `decode(all ids)`.
+
+    Why not `tokenizers.decoders.DecodeStream`: its `step(tokenizer, id)` runs this same
+    algorithm and, checked on the default model's byte-level BPE tokenizer (emoji, CJK, accented
+    text, code, whitespace runs, skipped and kept special tokens, random ids), returns the same
+    delta as `push` for every id (None where `push` returns ""). It differs at the end of the
+    stream: DecodeStream has no `flush()`, so text it is still holding back (an unfinished
+    character, with the text of the ids that came with it, such as the space of " \xf0\x9f") is
+    never returned, and its deltas then fall short of `decode(ids)`. Its state is not readable
+    from Python, so a wrapper would have to track the window itself, as this class does.
+    It also needs tokenizers >= 0.21 (pyproject allows 0.19). tests/test_tokenizer.py
+    (test_decode_stream_*) checks both the agreement and this difference.
     """
 
     def __init__(self, tokenizer: ChatTokenizer, skip_special_tokens: bool = True) -> None:

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pensieve.config import ModelConfig
 from pensieve.errors import ModelLoadError
+from pensieve.model import build_model
+from pensieve.runtime import LoadedModel
+from pensieve.tokenizer import ChatTokenizer
+from pensieve.weights import expected_tensor_shapes
 
 # Tests run tiny shapes on a 2-core machine, often beside other processes: one intra-op thread
 # avoids OpenMP spin-waiting that makes small ops 100x slower under contention.
@@ -26,3 +31,35 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(str(exc))
     cache = os.environ.get("PENSIEVE_CACHE_DIR") or str(tmp_path_factory.mktemp("pensieve-cache"))
     return resolve_model(None, cache_dir=cache)
+
+
+def tiny_random_model(tokenizer: ChatTokenizer, folder: Path) -> LoadedModel:
+    """A 2-layer random Llama over the real tokenizer: fast, and its logits have wide gaps."""
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        name="tiny-random",
+    )
+    gen = torch.Generator().manual_seed(1234)
+    state = {
+        name: (
+            torch.ones(shape)
+            if name.endswith("norm.weight")
+            else torch.randn(shape, generator=gen) * 0.3
+        )
+        for name, shape in expected_tensor_shapes(config).items()
+    }
+    model = build_model(config, state, torch.float32, torch.device("cpu"))
+    return LoadedModel(model, tokenizer, folder, 0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny(default_model_dir: Path) -> LoadedModel:
+    return tiny_random_model(ChatTokenizer.from_folder(default_model_dir), default_model_dir)

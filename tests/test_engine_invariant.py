@@ -8,51 +8,15 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from pensieve.config import EngineConfig, ModelConfig
+from pensieve.config import EngineConfig
 from pensieve.engine import Engine
-from pensieve.model import build_model
 from pensieve.policy import CostModel
 from pensieve.reference import reference_generate
 from pensieve.runtime import LoadedModel
 from pensieve.sampling import SamplingParams
-from pensieve.tokenizer import ChatTokenizer
-from pensieve.weights import expected_tensor_shapes
 
 WORDS = "the a cat dog sees runs blue red tree house why how many seven rivers quietly".split()
-
-
-def tiny_random_model(tokenizer: ChatTokenizer, folder: Path) -> LoadedModel:
-    """A 2-layer random Llama over the real tokenizer: fast, and its logits have wide gaps."""
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        name="tiny-random",
-    )
-    gen = torch.Generator().manual_seed(1234)
-    state = {
-        name: (
-            torch.ones(shape)
-            if name.endswith("norm.weight")
-            else torch.randn(shape, generator=gen) * 0.3
-        )
-        for name, shape in expected_tensor_shapes(config).items()
-    }
-    model = build_model(config, state, torch.float32, torch.device("cpu"))
-    return LoadedModel(model, tokenizer, folder, 0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny(default_model_dir: Path) -> LoadedModel:
-    return tiny_random_model(ChatTokenizer.from_folder(default_model_dir), default_model_dir)
 
 
 async def replay(
@@ -121,6 +85,7 @@ async def test_stateful_equals_stateless_under_pressure(
         assert stats.cached_tokens_total > 0 and stats.swap_out_blocks_total == 0
     if pressure == "swap-only":
         assert stats.swap_out_blocks_total > 0 and stats.dropped_tokens_total == 0
+        assert stats.swap_in_blocks_total > 0  # returning conversations were restored
     if pressure in ("swap-and-drop", "device-only"):
         assert stats.dropped_tokens_total > 0 and stats.recomputed_tokens_total > 0
 
@@ -138,7 +103,7 @@ async def test_cancel_mid_stream_frees_everything(tiny: LoadedModel) -> None:
         await stream.aclose()
         assert stream.finish_reason == "cancelled"
         await engine.check_accounting()
-        info = (await engine.conversation("c"))
+        info = await engine.conversation("c")
         assert not info.active
         assert (await engine.blocks_in_use()) == -(-info.tokens_total // 16)
         await engine.delete_conversation("c")
@@ -200,3 +165,30 @@ async def test_anonymous_request_never_takes_over_a_named_conversation(tiny: Loa
         assert again.conversation_id == other.conversation_id
         assert again.usage.cached_tokens > 0
         await engine.check_accounting()
+
+
+async def test_suspension_restores_and_keeps_tokens(tiny: LoadedModel) -> None:
+    """Three long replies at once on a device tier that holds two: the newest is suspended,
+    its chunks swapped out, and it resumes (restored) with the tokens it would have had."""
+    config = EngineConfig(
+        block_size=16,
+        device_cache_tokens=224,
+        host_cache_tokens=1024,
+        max_batch_tokens=128,
+        decode_reserve=0.0,
+        profile_cost=False,
+    )
+    sampling = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
+
+        async def one(i: int) -> tuple[list[int], SamplingParams, list[int]]:
+            history = [{"role": "user", "content": " ".join(WORDS[i:] + WORDS[:i]) * 2}]
+            stream = engine.chat(history, f"s{i}", sampling)
+            await stream.text()
+            return engine.tokenizer.encode_chat(history), sampling, stream.token_ids
+
+        records = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3))), 120)
+        stats = await engine.stats()
+        await engine.check_accounting()
+    assert stats.preemptions_total > 0 and stats.swap_in_blocks_total > 0
+    assert_matches_reference(tiny, records)

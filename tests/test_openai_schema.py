@@ -7,6 +7,7 @@ import json
 import msgspec
 import pytest
 
+from pensieve.chat_messages import parse_messages
 from pensieve.errors import InvalidRequestError
 from pensieve.server.openai_schema import (
     ChatCompletionChunk,
@@ -130,6 +131,44 @@ def test_bad_requests_name_the_field(raw: bytes, param: str | None, needle: str)
     assert err.status == 400 and err.param == param
     assert needle in err.message
     assert set(err.to_openai()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "hi",
+        [],
+        ["hi"],
+        [{"content": "x"}],
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": 3}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+        [{"role": "user", "content": [{"type": "text"}]}],
+        [{"role": "system", "content": "x", "name": 1}],
+    ],
+)
+def test_server_and_library_word_message_errors_alike(messages: object) -> None:
+    """One set of message rules: the library path (plain dicts) says what the server says."""
+    server = rejects(json.dumps({"messages": messages}).encode())
+    with pytest.raises(InvalidRequestError) as info:
+        parse_messages(messages, param="messages")
+    library = info.value
+    assert server.message.removeprefix("Invalid request body: ") == library.message
+    assert library.param == "messages" and server.param.startswith("messages")
+
+
+def test_library_accepts_what_the_server_accepts() -> None:
+    raw = [
+        {"role": "developer", "content": [{"type": "text", "text": "a"}]},
+        {"role": "assistant", "content": None},
+        {"role": "assistant", "name": "bot"},
+        {"role": "tool", "content": "{}"},
+    ]
+    req = decode_chat_request(json.dumps({"messages": raw}).encode())
+    assert parse_messages(raw) == req.messages
+    assert [m.text() for m in req.messages] == ["a", "", "", "{}"]
 
 
 def test_conversation_ids_must_be_url_safe() -> None:

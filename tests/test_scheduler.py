@@ -203,3 +203,104 @@ async def test_cancel_frees_blocks_at_once() -> None:
         assert conv.owner is None and not conv.running
         assert h.cache.device.num_used == -(-len(conv.tokens) // 4)
         h.cache.check()
+
+
+async def test_exception_in_admission_fails_only_that_request() -> None:
+    async with Harness() as h:
+        real = h.cache.plan_admission
+
+        def plan_admission(cid: str, target: list[int]) -> tuple[int, int]:
+            if cid == "bad":
+                raise RuntimeError("injected")
+            return real(cid, target)
+
+        h.cache.plan_admission = plan_admission  # type: ignore[method-assign]
+        rids = [h.submit("a", [1, 2, 3]), h.submit("bad", [4, 5, 6]), h.submit("b", [7, 8, 9])]
+        await h.wait(*rids)
+        assert h.finish(rids[1]).finish_reason == "error"
+        assert "injected" in (h.finish(rids[1]).error or "")
+        for rid in (rids[0], rids[2]):
+            assert h.finish(rid).finish_reason == "length" and len(h.tokens(rid)) == 3
+        later = h.submit("c", [1, 1, 1])  # and it keeps serving
+        await h.wait(later)
+        assert h.finish(later).finish_reason == "length"
+        assert "bad" not in h.cache.conversations
+        h.cache.check()
+
+
+async def test_exception_while_planning_a_row_fails_only_that_request() -> None:
+    async with Harness() as h:
+        real = h.cache.block_table
+        h.cache.block_table = lambda cid: 1 / 0 if cid == "bad" else real(cid)  # type: ignore
+        rids = [h.submit("a", [1, 2, 3]), h.submit("bad", [4, 5, 6])]
+        await h.wait(*rids)
+        assert h.finish(rids[0]).finish_reason == "length"
+        assert "ZeroDivisionError" in (h.finish(rids[1]).error or "")
+        h.cache.check()
+
+
+async def test_two_requests_on_one_conversation_run_one_after_the_other() -> None:
+    for keep in (True, False):  # stateful, and stateless (the first forgets the conversation)
+        async with Harness() as h:
+            first = h.submit("same", [1, 2, 3], max_tokens=4, keep=keep)
+            second = h.submit("same", [1, 2, 3, 4, 5, 6, 7, 9], max_tokens=4, keep=keep)
+            await h.wait(first, second)
+            assert h.sink.accepted == {first: "same", second: "same"}
+            for rid in (first, second):
+                assert h.finish(rid).finish_reason == "length" and len(h.tokens(rid)) == 4
+            # never in one step together: the second waited for the first to finish
+            assert not any(
+                {first, second} <= {r.request_id for r in p.rows} for p in h.executor.plans
+            )
+            assert ("same" in h.cache.conversations) == keep
+            if keep:
+                assert h.finish(second).usage.cached_tokens == 6  # 7 had no KV yet
+            h.cache.check()
+
+
+async def test_full_queue_rejects_new_requests() -> None:
+    async with Harness(max_queue=2) as h:
+        rids = [h.submit(f"q{i}", [1, 2, 3]) for i in range(3)]  # queued before any step
+        await h.wait(*rids)
+        assert list(h.sink.rejected) == [rids[2]]
+        assert h.sink.rejected[rids[2]].error.kind == "OverloadedError"
+        assert all(h.finish(r).finish_reason == "length" for r in rids[:2])
+
+
+async def test_failed_swap_out_leaves_chunks_on_device() -> None:
+    async with Harness(max_batch_tokens=64) as h:
+        h.swapper.fail.add("out")
+        await h.wait(h.submit("x", list(range(1, 30)), max_tokens=1))
+        await h.wait(h.submit("y", list(range(100, 121)), max_tokens=1))  # below the threshold
+        assert any(o.direction == "out" for o in h.swapper.orders)
+        x = h.cache.conversations["x"]
+        assert all(ch.host is None and ch.device is not None for ch in x.chunks)
+        assert h.cache.host is not None and h.cache.host.num_used == 0
+        h.cache.check()
+        h.swapper.fail.clear()
+        again = h.submit("x", list(range(1, 30)) + h.tokens(1) + [5, 6], max_tokens=1)
+        await h.wait(again)
+        assert h.finish(again).usage.cached_tokens == 29  # the device copy was still good
+        h.cache.check()
+
+
+async def test_failed_restore_fails_the_turn_and_the_retry_recomputes() -> None:
+    async with Harness(device_cache_tokens=32, host_cache_tokens=64, max_batch_tokens=32) as h:
+        first = h.submit("x", list(range(1, 20)), max_tokens=1)
+        await h.wait(first)
+        await h.wait(h.submit("y", list(range(40, 60)), max_tokens=1))  # pushes x to the host
+        assert any(
+            ch.device is None and ch.host is not None for ch in h.cache.conversations["x"].chunks
+        )
+        h.swapper.fail.add("in")
+        prompt = list(range(1, 20)) + h.tokens(first) + [7]
+        failed = h.submit("x", prompt, max_tokens=1)
+        await h.wait(failed)
+        assert h.finish(failed).finish_reason == "error"
+        assert "x" not in h.cache.conversations  # a failed turn's state is not trusted
+        h.cache.check()
+        h.swapper.fail.clear()
+        retry = h.submit("x", prompt, max_tokens=1)
+        await h.wait(retry)
+        assert h.finish(retry).finish_reason == "length"
+        h.cache.check()

@@ -6,10 +6,8 @@ last test stops it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +22,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
-
-
-def serve_command() -> list[str]:
-    """`pensieve serve` once the top-level CLI exists, else the subcommand's own module."""
-    if importlib.util.find_spec("pensieve.cli") is not None and shutil.which("pensieve"):
-        return ["pensieve", "serve"]
-    return [sys.executable, "-m", "pensieve.server.serve_cli"]
+# `pensieve serve`: the console script's entry point, run by this interpreter (not a PATH lookup)
+SERVE = [sys.executable, "-m", "pensieve.cli", "serve"]
 
 
 @dataclass
@@ -47,7 +40,7 @@ class Served:
 def served(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = [
-        *serve_command(),
+        *SERVE,
         *("--model", str(default_model_dir), "--dtype", "float32", "--device", "cpu"),
         *("--port", "0", "--max-running", "1", "--max-queue", "1", "--no-profile-cost"),
         *("--device-cache-tokens", "1024", "--host-cache-tokens", "1024", "--grace-period", "60"),

@@ -248,3 +248,59 @@ def test_stream_decodes_a_bounded_window(tokenizer: ChatTokenizer, monkeypatch) 
     monkeypatch.setattr(tokenizer, "decode", recording_decode)
     assert "".join(stream(tokenizer, ids)) == decode(ids)
     assert len(ids) > 500 and max(widths) <= 8
+
+
+# --- tokenizers' own DecodeStream, compared (see the IncrementalDecoder docstring) --------------
+
+DECODE_STREAM_TEXTS = [
+    *STREAM_TEXTS,
+    "Accents: crème brûlée, Ångström, São Paulo, Dvořák, façade, Zürich, ñandú.",
+    "CJK: 漢字かな交じり文、中文標點「引號」，한글 자모 ㄱㄴㄷ.",
+    "Emoji run: 🙂🙃😉 flags 🇯🇵🇧🇷 skin 👋🏿 family 👩‍👩‍👧 keycap 1️⃣ end 🫠",
+    'def f(x: int) -> str:\n\treturn f"{x:>8}"  # pad\n\nif __name__ == "__main__":\n    f(1)\n',
+    "Whitespace:  two   three    four\t\ttabs\n\n\nnewlines \r\n crlf      trailing     ",
+    "<|im_start|>user\nHi 🙂<|im_end|>\n<|im_start|>assistant\n你好<|im_end|>  after",
+]
+
+
+def decode_stream_steps(tokenizer: ChatTokenizer, ids: list[int], skip: bool) -> list[str | None]:
+    decoders = pytest.importorskip("tokenizers.decoders")
+    if not hasattr(decoders, "DecodeStream"):
+        pytest.skip("tokenizers has no DecodeStream (added in 0.21)")
+    stream_ = decoders.DecodeStream(skip_special_tokens=skip)
+    return [stream_.step(tokenizer._tokenizer, token_id) for token_id in ids]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("text", DECODE_STREAM_TEXTS)
+def test_decode_stream_agrees_step_by_step(tokenizer: ChatTokenizer, text: str, skip: bool):
+    """On complete text, DecodeStream.step returns exactly what push does (None for "")."""
+    ids = tokenizer.encode(text)
+    ours = stream(tokenizer, ids, skip_special_tokens=skip)
+    theirs = decode_stream_steps(tokenizer, ids, skip)
+    assert ours[:-1] == [step or "" for step in theirs]
+    assert ours[-1] == ""  # nothing held back at the end of complete text
+    assert "".join(ours) == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert not any("\ufffd" in step for step in theirs if step)
+
+
+def test_decode_stream_agrees_on_random_ids(tokenizer: ChatTokenizer) -> None:
+    """Arbitrary ids (invalid UTF-8 mid-stream included): the same delta for every id."""
+    rng = random.Random(1)
+    for _ in range(50):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))]
+        theirs = decode_stream_steps(tokenizer, ids, True)
+        assert stream(tokenizer, ids)[:-1] == [step or "" for step in theirs]
+
+
+def test_decode_stream_differs_at_an_unfinished_end(tokenizer: ChatTokenizer) -> None:
+    """Documented difference: DecodeStream has no flush, so held-back text is never returned."""
+    ids = tokenizer.encode("ab 😀")
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    ids = ids[:cut]  # the reply stops in the middle of the emoji
+    ours = stream(tokenizer, ids)
+    theirs = decode_stream_steps(tokenizer, ids, True)
+    assert ours[:-1] == [step or "" for step in theirs]  # same deltas while streaming...
+    assert "".join(ours) == tokenizer.decode(ids) == "ab \ufffd"  # ...our flush ends like decode
+    assert ours[-1] == " \ufffd"  # the space held back with the unfinished character
+    assert "".join(step or "" for step in theirs) == "ab"  # DecodeStream loses " \ufffd"

@@ -14,29 +14,18 @@ from typing import Any, Literal
 
 import msgspec
 
+from pensieve.chat_messages import (
+    ChatMessage,
+    check_messages,
+    describe_error,
+    error_location,
+)
 from pensieve.errors import InvalidRequestError
 from pensieve.sampling import SamplingParams
 
-# The roles the engine's chat template renders ("developer" is rendered as "system").
-Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
 
 _CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
-
-
-class TextPart(msgspec.Struct):
-    """One element of a list-valued `content`; only text parts are supported."""
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(msgspec.Struct):
-    role: Role
-    content: str | list[TextPart] | None = None
-    name: str | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -78,18 +67,15 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
             raise InvalidRequestError(
                 "stream_options is only allowed when stream is true", param="stream_options"
             )
-        if not self.messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
-        for i, msg in enumerate(self.messages):
-            if msg.content is None and msg.role != "assistant":
-                raise InvalidRequestError(
-                    f"content is required for role {msg.role!r}", param=f"messages[{i}].content"
-                )
+        check_messages(self.messages)
 
     def engine_messages(self) -> list[dict[str, Any]]:
         """The messages as the engine takes them; it joins text parts and maps roles."""
         return [
-            {"role": m.role, "content": "" if m.content is None else msgspec.to_builtins(m.content)}
+            {
+                "role": m.role,
+                "content": msgspec.to_builtins(m.content) if m.content else "",
+            }
             for m in self.messages
         ]
 
@@ -128,15 +114,18 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
 _request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 
 
-def _param_of(error: msgspec.ValidationError) -> str | None:
-    """The field an msgspec error points at, in OpenAI's `messages[0].role` form."""
+def _invalid_body(error: msgspec.ValidationError, body: bytes) -> InvalidRequestError:
+    """A 400 naming the field an msgspec error points at, in OpenAI's `messages[0].role` form.
+
+    Errors inside `messages` are worded by pensieve.chat_messages, as the library words them.
+    """
+    path, detail = error_location(error)
     text = str(error)
-    at = _AT_PATH.search(text)
-    path = at.group("path") if at else ""
-    missing = _MISSING.search(text)
-    if missing:
-        path = f"{path}.{missing.group('field')}" if path else missing.group("field")
-    return path or None
+    if path == ".messages" or path.startswith(".messages["):
+        fields = msgspec.json.decode(body)  # valid JSON: only its types were wrong
+        if "messages" in fields:
+            text = describe_error(path[len(".messages") :], fields["messages"], detail)
+    return InvalidRequestError(f"Invalid request body: {text}", param=path.lstrip(".") or None)
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -144,7 +133,7 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
     try:
         req = _request_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"Invalid request body: {exc}", param=_param_of(exc)) from None
+        raise _invalid_body(exc, body) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"Request body is not valid JSON: {exc}") from None
     req.check()
