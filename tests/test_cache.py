@@ -213,3 +213,35 @@ def test_unfinished_recompute_leaves_range_dropped() -> None:
     cache.release("c", 3)
     assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 0, 4)
     cache.check()
+
+
+def test_lookups_do_not_scan_10000_stored_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolution compares tokens with a bounded number of candidates, and eviction looks at
+    only the conversations it takes from, however many are stored (figures: bench_lookup)."""
+    import pensieve.cache as cache_module
+    from pensieve.prefix_index import MAX_CANDIDATES
+
+    n = 10_000
+    cache = TieredCache(BS, 3 * n + 8, 3 * n, CostModel.linear(1.0, 0.01), FakeClock())
+    for i in range(n):  # all share a preamble of 8 tokens
+        serve(cache, f"c{i}", [0, 1, 2, 3, 4, 5, 6, 7, i, 9], rid=i + 1)
+    calls = {"compare": 0, "runs": 0}
+    real_compare, real_runs = cache_module.common_prefix, TieredCache._runs
+
+    def compare(a: list[int], b: list[int]) -> int:
+        calls["compare"] += 1
+        return real_compare(a, b)
+
+    def runs(self: TieredCache, conv: object) -> dict:
+        calls["runs"] += 1
+        return real_runs(self, conv)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache_module, "common_prefix", compare)
+    monkeypatch.setattr(TieredCache, "_runs", runs)
+    assert cache.resolve([0, 1, 2, 3, 4, 5, 6, 7, 42, 9, 11]) == ("c42", 10)
+    assert calls["compare"] <= MAX_CANDIDATES
+    assert cache.resolve([0, 1, 2, 3, 4, 5, 99]) == (None, 0)
+    copies = swap_out(cache, 8)
+    assert len(copies) == 8 and cache.reclaim(8) == 8
+    assert calls["runs"] <= 3 * 8  # re-indexing the conversations it touched, nothing else
+    cache.check()
