@@ -10,30 +10,6 @@ from typing import Any
 log = logging.getLogger("pensieve.actors")
 
 
-class Replies:
-    """Futures for request/reply messages: a message carries `reply_to`, its answer resolves it."""
-
-    def __init__(self) -> None:
-        self._next = 1
-        self._futures: dict[int, asyncio.Future] = {}
-
-    def open(self) -> tuple[int, asyncio.Future]:
-        rid, self._next = self._next, self._next + 1
-        fut = asyncio.get_running_loop().create_future()
-        self._futures[rid] = fut
-        return rid, fut
-
-    def resolve(self, reply_to: int, value: Any) -> None:
-        fut = self._futures.pop(reply_to, None)
-        if fut is not None and not fut.done():
-            fut.set_result(value)
-
-    def fail(self, reply_to: int, exc: BaseException) -> None:
-        fut = self._futures.pop(reply_to, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
-
-
 class Actor:
     """Processes its mailbox one message at a time on the event loop."""
 

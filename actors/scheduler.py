@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 import uuid
 from collections import deque
 
@@ -149,17 +148,7 @@ class Scheduler(Actor):
             cid = cid or uuid.uuid4().hex
         # the first request on a conversation holds it; later ones wait for it (FCFS)
         self.cache.acquire(cid, rid, named=msg.conversation_id is not None)
-        budget = self.max_context - len(msg.prompt_tokens)
-        seq = Sequence(
-            request_id=rid,
-            conversation_id=cid,
-            prompt=list(msg.prompt_tokens),
-            sampling=msg.sampling,
-            max_tokens=min(msg.sampling.max_tokens or budget, budget),
-            stop_token_ids=self.stop_token_ids,
-            keep_cache=msg.keep_cache,
-            arrival=time.monotonic(),
-        )
+        seq = Sequence.from_submit(msg, cid, self.max_context, self.stop_token_ids)
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.counters.requests += 1
@@ -223,16 +212,8 @@ class Scheduler(Actor):
         plan = {}
         for seq, take in rows:
             try:
-                positions = [p for _, p in take]
-                plan[seq.request_id] = SequenceRows(
-                    request_id=seq.request_id,
-                    tokens=[t for t, _ in take],
-                    positions=positions,
-                    block_table=self.cache.block_table(seq.conversation_id),
-                    context_len=max(positions) + 1,
-                    sample=len(take) == len(seq.pending),
-                    sampling=seq.sampling,
-                )
+                table = self.cache.block_table(seq.conversation_id)
+                plan[seq.request_id] = seq.step_rows(take, table)
             except Exception as exc:
                 self._fail(seq, exc)
         return plan

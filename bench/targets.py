@@ -10,13 +10,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import re
 import time
 from dataclasses import asdict, is_dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 Message = dict[str, str]
 
@@ -167,22 +167,22 @@ class SSEState:
         return result
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)")
-
-
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {metric name: value summed over its labels}."""
+    """Prometheus text exposition -> {sample name: value summed over its labels}.
+
+    Parsed with prometheus_client's own parser. Sample names are kept as exposed (`x_total`,
+    `x_bucket`, `x_count`), `*_created` timestamps and NaN values are dropped. Text the parser
+    rejects ends the parse there: what was read before it is kept.
+    """
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line.strip())
-        if not m or m.group(1).endswith("_created"):  # creation timestamps, not counts
-            continue
-        try:
-            value = float(m.group(2))
-        except ValueError:
-            continue
-        if not math.isnan(value):
-            values[m.group(1)] = values.get(m.group(1), 0.0) + value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith("_created") or math.isnan(sample.value):
+                    continue
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+    except ValueError:  # malformed exposition text
+        pass
     return values
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pensieve.errors import ModelLoadError
@@ -97,5 +97,3 @@ class EngineConfig:
     decode_reserve: float = 0.10  # device share kept free for running decodes
     profile_cost: bool = True  # profile Cost(l) at start-up (fakes in tests turn it off)
     cache_dir: str | None = None  # where GGUF files are converted; default ~/.cache/pensieve
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from pensieve.messages import Usage
+from pensieve.messages import SequenceRows, Submit, Usage
 from pensieve.sampling import SamplingParams
 
 
@@ -22,6 +23,35 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # (token, position) to compute
     usage: Usage | None = None  # set at first admission
+
+    @classmethod
+    def from_submit(
+        cls, msg: Submit, cid: str, max_context: int, stop_token_ids: frozenset[int]
+    ) -> Sequence:
+        budget = max_context - len(msg.prompt_tokens)
+        return cls(
+            request_id=msg.request_id,
+            conversation_id=cid,
+            prompt=list(msg.prompt_tokens),
+            sampling=msg.sampling,
+            max_tokens=min(msg.sampling.max_tokens or budget, budget),
+            stop_token_ids=stop_token_ids,
+            keep_cache=msg.keep_cache,
+            arrival=time.monotonic(),
+        )
+
+    def step_rows(self, take: list[tuple[int, int]], block_table: list[int]) -> SequenceRows:
+        """This sequence's part of a step: the inputs `take` (a prefix of `pending`)."""
+        positions = [p for _, p in take]
+        return SequenceRows(
+            request_id=self.request_id,
+            tokens=[t for t, _ in take],
+            positions=positions,
+            block_table=block_table,
+            context_len=max(positions) + 1,
+            sample=len(take) == len(self.pending),
+            sampling=self.sampling,
+        )
 
     @property
     def target(self) -> list[int]:
