@@ -14,10 +14,10 @@ import torch
 
 from pensieve.actors.base import Actor
 from pensieve.block_allocator import KVPool
-from pensieve.messages import Forget, StepPlan, StepResult
+from pensieve.messages import Forget, SequenceRows, StepPlan, StepResult
 from pensieve.model import LlamaForCausalLM
 from pensieve.paged import PagedAttentionBackend, StepMetadata
-from pensieve.sampling import make_generator, sample_token
+from pensieve.sampling import RequestSampler, Sampled
 
 
 class Executor(Actor):
@@ -28,12 +28,12 @@ class Executor(Actor):
         self.model = model
         self.pool = pool
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-compute")
-        self.generators: dict[int, torch.Generator | None] = {}  # request id -> its sampler
+        self.samplers: dict[int, RequestSampler] = {}  # request id -> its sampling state
 
     async def handle(self, message: StepPlan | Forget) -> None:
         if isinstance(message, Forget):
             for rid in message.request_ids:
-                self.generators.pop(rid, None)
+                self.samplers.pop(rid, None)
             return
         loop = asyncio.get_running_loop()
         try:
@@ -52,19 +52,41 @@ class Executor(Actor):
         tokens = [t for seq in plan.rows for t in seq.tokens]
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         hidden = self.model(ids, meta.positions.long(), backend)
-        sampled: dict[int, int] = {}
         to_sample = [seq for seq in plan.rows if seq.sample]
+        sampled: dict[int, int] = {}
+        logprobs: dict[int, Sampled] = {}
         if to_sample:
             logits = self.model.logits(hidden[meta.sample_rows])
-            for row, seq in zip(logits, to_sample, strict=True):
-                if seq.request_id not in self.generators:
-                    self.generators[seq.request_id] = make_generator(seq.sampling, device)
-                sampled[seq.request_id] = sample_token(
-                    row, seq.sampling, self.generators[seq.request_id]
-                )
+            self.sample(to_sample, logits, sampled, logprobs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return StepResult(plan.step_id, sampled, time.perf_counter() - started)
+        return StepResult(plan.step_id, sampled, time.perf_counter() - started, logprobs=logprobs)
+
+    def sample(
+        self,
+        rows: list[SequenceRows],
+        logits: torch.Tensor,
+        sampled: dict[int, int],
+        logprobs: dict[int, Sampled],
+    ) -> None:
+        """Plain greedy rows with one batched argmax; the rest one by one."""
+        samplers = []
+        for seq in rows:
+            if seq.request_id not in self.samplers:
+                self.samplers[seq.request_id] = RequestSampler(seq.sampling, logits.device)
+            samplers.append(self.samplers[seq.request_id])
+        greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
+        if greedy:
+            best = torch.argmax(logits[greedy], dim=-1).tolist()
+            for i, token in zip(greedy, best, strict=True):
+                sampled[rows[i].request_id] = token
+                samplers[i].counts[token] = samplers[i].counts.get(token, 0) + 1
+        for i, sampler in enumerate(samplers):
+            if not sampler.plain_greedy:
+                token, lp = sampler.sample(logits[i])
+                sampled[rows[i].request_id] = token
+                if lp is not None:
+                    logprobs[rows[i].request_id] = lp
 
     async def stop(self) -> None:
         await super().stop()

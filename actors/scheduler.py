@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
+import secrets
 from collections import deque
 
 from pensieve.actors.base import Actor
@@ -45,7 +45,7 @@ from pensieve.messages import (
     Usage,
 )
 from pensieve.sequence import Rows, Sequence
-from pensieve.stats import Counters, conversation_info, engine_stats
+from pensieve.stats import ConversationInfo, Counters, conversation_info, engine_stats
 
 log = logging.getLogger("pensieve.scheduler")
 TOO_SMALL = "the device cache is too small for this prompt"
@@ -53,6 +53,15 @@ TOO_SMALL = "the device cache is too small for this prompt"
 
 class CacheTooSmall(Exception):
     """The request cannot fit the device tier even with everything else evicted."""
+
+
+def scoped(tenant: str, cid: str) -> str:
+    """The cache's key of a tenant's conversation: two tenants may both use `chat-1`."""
+    return f"{tenant}\x00{cid}"
+
+
+def public_id(key: str) -> str:
+    return key.partition("\x00")[2]
 
 
 class Scheduler(Actor):
@@ -117,11 +126,10 @@ class Scheduler(Actor):
             if seq is not None:
                 self._finish(seq, message.reason)
         elif isinstance(message, DeleteConversation):
-            message.reply.set_result(self._delete(message.conversation_id))
+            key = scoped(message.tenant, message.conversation_id)
+            message.reply.set_result(self._delete(key))
         elif isinstance(message, ListConversations):
-            known = self.cache.conversations
-            cids = [message.conversation_id] if message.conversation_id else list(known)
-            message.reply.set_result([conversation_info(self.cache, c) for c in cids if c in known])
+            message.reply.set_result(self._list(message.tenant, message.conversation_id))
         elif isinstance(message, GetStats):
             stats = engine_stats(self.counters, self.cache, len(self.running), len(self.waiting))
             message.reply.set_result(stats)
@@ -142,17 +150,24 @@ class Scheduler(Actor):
             error = OverloadedError("the server is busy: too many requests waiting")
             self.sessions.send(Rejected(rid, to_info(error)))  # type: ignore[union-attr]
             return
-        cid = msg.conversation_id
-        if cid is None:
-            cid = self.cache.resolve(msg.prompt_tokens)[0] if msg.match_prefix else None
-            cid = cid or uuid.uuid4().hex
+        key = None
+        if msg.conversation_id is not None:
+            key = scoped(msg.tenant, msg.conversation_id)
+        elif msg.match_prefix:
+            key = self.cache.resolve(msg.prompt_tokens, msg.tenant)[0]
+        key = key or scoped(msg.tenant, secrets.token_hex(16))  # 128 random bits: unguessable
         # the first request on a conversation holds it; later ones wait for it (FCFS)
-        self.cache.acquire(cid, rid, named=msg.conversation_id is not None)
-        seq = Sequence.from_submit(msg, cid, self.max_context, self.stop_token_ids)
+        self.cache.acquire(key, rid, named=msg.conversation_id is not None, tenant=msg.tenant)
+        seq = Sequence.from_submit(msg, key, self.max_context, self.stop_token_ids)
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.counters.requests += 1
-        self.sessions.send(Accepted(rid, cid))  # type: ignore[union-attr]
+        self.sessions.send(Accepted(rid, public_id(key)))  # type: ignore[union-attr]
+
+    def _list(self, tenant: str, cid: str | None) -> list[ConversationInfo]:
+        known = self.cache.conversations
+        keys = [scoped(tenant, cid)] if cid else [k for k, c in known.items() if c.tenant == tenant]
+        return [conversation_info(self.cache, k, public_id(k)) for k in keys if k in known]
 
     def _delete(self, cid: str) -> bool:
         if cid not in self.cache.conversations:
@@ -239,7 +254,9 @@ class Scheduler(Actor):
                 continue
             seq.generated.append(token)
             self.counters.generated_tokens += 1
-            self.sessions.send(TokenEvent(seq.request_id, [token]))  # type: ignore[union-attr]
+            lp = result.logprobs.get(seq.request_id)
+            event = TokenEvent(seq.request_id, [token], [lp] if lp is not None else [])
+            self.sessions.send(event)  # type: ignore[union-attr]
             reason = seq.finish_reason(self.max_context)
             if reason is not None:
                 self._finish(seq, reason)

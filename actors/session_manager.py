@@ -25,9 +25,11 @@ from pensieve.messages import (
     Started,
     Submit,
     TokenEvent,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
-from pensieve.sampling import StopChecker
+from pensieve.sampling import Sampled, StopChecker
 from pensieve.tokenizer import ChatTokenizer, IncrementalDecoder
 
 
@@ -99,17 +101,30 @@ class SessionManager(Actor):
                 sampling,
                 keep_cache=not self.stateless,
                 match_prefix=not self.stateless,
+                tenant=turn.tenant,
             )
         )
 
     def _prompt(self, turn: OpenTurn) -> list[int]:
-        turn.sampling.validate()
-        cid = turn.conversation_id
-        if cid is not None and not (isinstance(cid, str) and 0 < len(cid) <= 256):
+        sampling = turn.sampling.validate()
+        if any(t >= self.tokenizer.vocab_size for t in sampling.logit_bias):
             raise InvalidRequestError(
-                "conversation_id must be 1-256 characters", param="conversation_id"
+                f"logit_bias names a token id beyond the vocabulary ({self.tokenizer.vocab_size})",
+                param="logit_bias",
             )
-        prompt = self.tokenizer.encode_chat(turn.messages)
+        cid = turn.conversation_id
+        if cid is not None and not (
+            isinstance(cid, str) and 0 < len(cid) <= 256 and cid.isprintable()
+        ):
+            raise InvalidRequestError(
+                "conversation_id must be 1-256 printable characters", param="conversation_id"
+            )
+        if isinstance(turn.messages, str):  # a raw text prompt (legacy completions)
+            prompt = self.tokenizer.encode(turn.messages, add_special_tokens=True)
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", param="prompt")
+        else:
+            prompt = self.tokenizer.encode_chat(turn.messages)
         if len(prompt) >= self.max_context:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; this model's context window is "
@@ -128,15 +143,17 @@ class SessionManager(Actor):
         request = self.requests.get(event.request_id)
         if request is None:
             return
-        for token in event.tokens:
+        logprobs = event.logprobs or [None] * len(event.tokens)
+        for token, sampled in zip(event.tokens, logprobs, strict=True):
             if request.stopped:
                 continue
             request.generated.append(token)
+            entries = [self._logprob(token, sampled)] if sampled is not None else []
             if token in request.skip_ids:
-                request.stream.put_nowait(Delta("", [token]))
+                request.stream.put_nowait(Delta("", [token], entries))
                 continue
             text, hit = request.stop.push(request.decoder.push(token))
-            request.stream.put_nowait(Delta(text, [token]))
+            request.stream.put_nowait(Delta(text, [token], entries))
             if hit:
                 request.stopped = True
                 self.scheduler.send(Cancel(request.request_id, "stop"))
@@ -149,6 +166,17 @@ class SessionManager(Actor):
         reason = "stop" if request.stopped else event.finish_reason
         error = ErrorInfo("EngineError", event.error) if event.error is not None else None
         self._end(request.request_id, Finished(reason, event.usage or Usage(), error))
+
+    def _logprob(self, token: int, sampled: Sampled) -> TokenLogprob:
+        text = self._token_text
+        top = [
+            TopLogprob(t, text(t), lp)
+            for t, lp in zip(sampled.top_ids, sampled.top_logprobs, strict=True)
+        ]
+        return TokenLogprob(token, text(token), sampled.logprob, top)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _end(self, request_id: int, finished: Finished) -> None:
         request = self.requests.pop(request_id, None)

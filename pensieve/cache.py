@@ -55,11 +55,12 @@ class TieredCache:
 
     # ---- ownership ------------------------------------------------------------------------
 
-    def acquire(self, cid: str, request_id: int, named: bool = False) -> bool:
+    def acquire(self, cid: str, request_id: int, named: bool = False, tenant: str = "") -> bool:
         """Let `request_id` hold the conversation (created if new); False while another does."""
         conv = self.conversations.get(cid)
         if conv is None:
-            conv = self.conversations[cid] = Conversation(cid, last_active=self.clock())
+            conv = Conversation(cid, last_active=self.clock(), tenant=tenant)
+            self.conversations[cid] = conv
         elif conv.owner not in (None, request_id):
             return False
         conv.owner = request_id
@@ -84,16 +85,17 @@ class TieredCache:
             return
         conv.owner = None
         if not conv.named:
-            self.prefixes.add(cid, conv.tokens, conv.last_prompt_len)
+            self.prefixes.add(cid, conv.tokens, conv.last_prompt_len, conv.tenant)
 
-    def resolve(self, prompt: list[int]) -> tuple[str | None, int]:
+    def resolve(self, prompt: list[int], tenant: str = "") -> tuple[str | None, int]:
         """The idle conversation this prompt continues, and the tokens they share.
 
         The prompt must repeat the conversation's whole last prompt (a client resending its
         history does), so conversations sharing only a system prompt are never taken for one.
-        Conversations a client named are only ever continued by that name."""
+        Conversations a client named are only ever continued by that name, and only the
+        tenant's own conversations are considered."""
         best, best_len = None, 0
-        for cid, length in self.prefixes.candidates(prompt):
+        for cid, length in self.prefixes.candidates(prompt, tenant):
             n = common_prefix(self.conversations[cid].tokens, prompt)
             if n >= length and n > best_len:
                 best, best_len = cid, n

@@ -97,3 +97,4 @@ class EngineConfig:
     decode_reserve: float = 0.10  # device share kept free for running decodes
     profile_cost: bool = True  # profile Cost(l) at start-up (fakes in tests turn it off)
     cache_dir: str | None = None  # where GGUF files are converted; default ~/.cache/pensieve
+    max_model_len: int | None = None  # cap on prompt + reply tokens (None: the model's window)

@@ -31,6 +31,7 @@ class Conversation:
     turns: int = 0
     last_prompt_len: int = 0
     named: bool = False  # the client chose the id: never matched by prefix
+    tenant: str = ""  # whose it is: only that tenant's requests see or continue it
 
     def tier_tokens(self, block_size: int) -> tuple[int, int, int]:
         """(device, host-only, dropped) token counts."""

@@ -47,6 +47,7 @@ from pensieve.messages import (
     OpenTurn,
     Shutdown,
     Started,
+    TokenLogprob,
     Usage,
 )
 from pensieve.policy import CostModel
@@ -74,6 +75,7 @@ class ChatStream:
         self._request_id: int | None = None
         self._done = False
         self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self.conversation_id: str | None = None
         self.prompt_tokens: int | None = None
         self.usage: Usage | None = None
@@ -97,6 +99,7 @@ class ChatStream:
             self.conversation_id, self.prompt_tokens = item.conversation_id, item.prompt_tokens
         elif isinstance(item, Delta):
             self._token_ids += item.token_ids
+            self._logprobs += item.logprobs
         else:
             self._done = True
             self.usage, self.finish_reason = item.usage, item.reason
@@ -117,6 +120,11 @@ class ChatStream:
     def token_ids(self) -> list[int]:
         """The generated token ids so far (EOS included when it ended the reply)."""
         return list(self._token_ids)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Log-probabilities of the tokens generated since the last call (if the turn asked)."""
+        out, self._logprobs = self._logprobs, []
+        return out
 
     async def text(self) -> str:
         """The whole reply (consumes the stream)."""
@@ -175,6 +183,10 @@ class Engine:
         device_blocks = max(1, cfg.device_cache_tokens // cfg.block_size)
         # A conversation must fit the device tier whole while it runs.
         self.max_context = min(self.max_context, device_blocks * cfg.block_size)
+        if cfg.max_model_len is not None:
+            if cfg.max_model_len < 2:
+                raise InvalidRequestError("max_model_len must be >= 2", param="max_model_len")
+            self.max_context = min(self.max_context, cfg.max_model_len)
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
         layout = (cfg.block_size, mc.num_key_value_heads, mc.head_dim, model.dtype)
         layers = mc.num_hidden_layers
@@ -230,16 +242,40 @@ class Engine:
         messages: object,
         conversation_id: str | None = None,
         sampling: SamplingParams | None = None,
+        *,
+        tenant: str = "",
     ) -> ChatStream:
         """Stream the reply to `messages` (OpenAI-style dicts), continuing a cached conversation
-        named by `conversation_id` or found by its token prefix."""
-        sampling = sampling or SamplingParams()
+        named by `conversation_id` or found by its token prefix, among the tenant's own."""
+        if isinstance(messages, str):
+            raise InvalidRequestError("messages must be a list of messages", param="messages")
+        return self._turn(messages, conversation_id, sampling, tenant)
+
+    def complete(
+        self,
+        prompt: str,
+        conversation_id: str | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        tenant: str = "",
+    ) -> ChatStream:
+        """Stream the continuation of a raw text prompt (no chat template): legacy completions.
+        A prompt that repeats an earlier prompt and its completion continues its cache too."""
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a string", param="prompt")
+        return self._turn(prompt, conversation_id, sampling, tenant)
+
+    def _turn(
+        self, messages: object, cid: str | None, sampling: SamplingParams | None, tenant: str
+    ) -> ChatStream:
+        turn_sampling = sampling or SamplingParams()
 
         def open_turn(queue: asyncio.Queue) -> int:
             if not self._started:
                 raise EngineError("the engine is not running")
             rid = next(self._request_ids)
-            self._sessions.send(OpenTurn(rid, messages, conversation_id, sampling, queue))
+            turn = OpenTurn(rid, messages, cid, turn_sampling, queue, tenant=tenant)
+            self._sessions.send(turn)
             return rid
 
         return ChatStream(open_turn, lambda message: self._sessions.send(message))
@@ -266,18 +302,22 @@ class Engine:
 
     # ---- conversations and counters (answered by the scheduler) -------------------------
 
-    async def conversations(self) -> list[ConversationInfo]:
-        return await self._ask(self._scheduler, ListConversations)
+    async def conversations(self, tenant: str = "") -> list[ConversationInfo]:
+        """The tenant's stored conversations."""
+        return await self._ask(self._scheduler, ListConversations, tenant=tenant)
 
-    async def conversation(self, conversation_id: str) -> ConversationInfo:
-        found = await self._ask(self._scheduler, ListConversations, conversation_id=conversation_id)
+    async def conversation(self, conversation_id: str, tenant: str = "") -> ConversationInfo:
+        """One of the tenant's conversations; another tenant's is NotFoundError, as if absent."""
+        found = await self._ask(
+            self._scheduler, ListConversations, conversation_id=conversation_id, tenant=tenant
+        )
         if not found:
             raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")
         return found[0]
 
-    async def delete_conversation(self, conversation_id: str) -> None:
+    async def delete_conversation(self, conversation_id: str, tenant: str = "") -> None:
         existed = await self._ask(
-            self._scheduler, DeleteConversation, conversation_id=conversation_id
+            self._scheduler, DeleteConversation, conversation_id=conversation_id, tenant=tenant
         )
         if not existed:
             raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from pensieve.sampling import SamplingParams
+from pensieve.sampling import Sampled, SamplingParams
 
 
 class Usage(msgspec.Struct):
@@ -47,10 +47,12 @@ class OpenTurn(msgspec.Struct):
     """Serve one turn; everything that happens to it arrives on `stream`."""
 
     request_id: int
-    messages: Any  # OpenAI-style message dicts, validated by the session manager
+    messages: Any  # OpenAI-style message dicts (validated by the session manager), or a str:
+    # a raw text prompt (legacy completions), tokenized without the chat template
     conversation_id: str | None  # None: continue the conversation whose history this resends
     sampling: SamplingParams
     stream: asyncio.Queue  # receives Started, Delta and Finished
+    tenant: str = ""  # whose conversations this turn may see and continue
 
 
 class Cancel(msgspec.Struct):
@@ -70,9 +72,25 @@ class Started(msgspec.Struct):
     prompt_tokens: int
 
 
+class TopLogprob(msgspec.Struct):
+    token_id: int
+    token: str  # the decoded text of this one token
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct):
+    """A generated token's log-probability under the model, and the likeliest alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob]
+
+
 class Delta(msgspec.Struct):
     text: str  # may be "" while a multi-byte character or a possible stop string is held back
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)  # if the turn asked
 
 
 class Finished(msgspec.Struct):
@@ -95,6 +113,7 @@ class Submit(msgspec.Struct):
     sampling: SamplingParams
     keep_cache: bool = True  # False in stateless mode: forget the conversation afterwards
     match_prefix: bool = True  # may continue a stored conversation this prompt resends
+    tenant: str = ""
 
 
 class Accepted(msgspec.Struct):
@@ -116,6 +135,7 @@ class TokenEvent(msgspec.Struct):
 
     request_id: int
     tokens: list[int] = msgspec.field(default_factory=list)
+    logprobs: list[Sampled] = msgspec.field(default_factory=list)  # per token, if asked
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     usage: Usage | None = None
     error: str | None = None
@@ -126,12 +146,14 @@ class TokenEvent(msgspec.Struct):
 
 class DeleteConversation(msgspec.Struct):
     conversation_id: str
-    reply: asyncio.Future  # -> bool: whether it existed
+    reply: asyncio.Future  # -> bool: whether it existed (for this tenant)
+    tenant: str = ""
 
 
 class ListConversations(msgspec.Struct):
-    reply: asyncio.Future  # -> list[ConversationInfo]
+    reply: asyncio.Future  # -> list[ConversationInfo]: the tenant's conversations
     conversation_id: str | None = None  # only this one (empty list if unknown)
+    tenant: str = ""
 
 
 class GetStats(msgspec.Struct):
@@ -203,6 +225,7 @@ class StepResult(msgspec.Struct):
     sampled: dict[int, int]  # request id -> sampled token
     seconds: float
     error: str | None = None
+    logprobs: dict[int, Sampled] = msgspec.field(default_factory=dict)  # requests that asked
 
 
 class Forget(msgspec.Struct):

@@ -28,8 +28,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class PrefixIndex:
     def __init__(self) -> None:
-        self._by_length: dict[int, dict[int, dict[str, None]]] = {}  # length -> hash -> ids
-        self._keys: dict[str, tuple[int, int]] = {}
+        # (namespace, length) -> hash -> ids; a namespace (tenant) only ever sees its own
+        self._by_length: dict[tuple[str, int], dict[int, dict[str, None]]] = {}
+        self._keys: dict[str, tuple[tuple[str, int], int]] = {}
         self._powers = np.ones(1, dtype=np.uint64)
         self._inverse_powers = np.ones(1, dtype=np.uint64)
 
@@ -55,12 +56,12 @@ class PrefixIndex:
             p, q = (p * _BASE) % 2**64, (q * _BASE_INV) % 2**64
         self._powers, self._inverse_powers = powers, inverse
 
-    def add(self, cid: str, tokens: list[int], prompt_len: int) -> None:
+    def add(self, cid: str, tokens: list[int], prompt_len: int, namespace: str = "") -> None:
         """Index a conversation under its last prompt, tokens[:prompt_len]."""
         self.remove(cid)
         if prompt_len <= 0 or prompt_len > len(tokens):
             return
-        key = (prompt_len, int(self._prefix_hashes(tokens[:prompt_len])[-1]))
+        key = ((namespace, prompt_len), int(self._prefix_hashes(tokens[:prompt_len])[-1]))
         self._by_length.setdefault(key[0], {}).setdefault(key[1], {})[cid] = None
         self._keys[cid] = key
 
@@ -76,7 +77,7 @@ class PrefixIndex:
             if not by_hash:
                 del self._by_length[key[0]]
 
-    def candidates(self, prompt: list[int]) -> list[tuple[str, int]]:
+    def candidates(self, prompt: list[int], namespace: str = "") -> list[tuple[str, int]]:
         """(conversation id, indexed length) whose indexed prefix hashes like a prefix of
         `prompt`, longest first, at most MAX_CANDIDATES. Callers confirm by comparing tokens."""
         if not self._keys or not prompt:
@@ -84,7 +85,7 @@ class PrefixIndex:
         hashes = self._prefix_hashes(prompt)
         found: list[tuple[str, int]] = []
         for length in range(len(prompt), 0, -1):
-            by_hash = self._by_length.get(length)
+            by_hash = self._by_length.get((namespace, length))
             ids = by_hash.get(int(hashes[length - 1])) if by_hash else None
             if ids:
                 found += [(cid, length) for cid in reversed(ids)]  # newest first

@@ -12,7 +12,7 @@ import torch
 
 from pensieve.attention import ContiguousKV
 from pensieve.model import LlamaForCausalLM
-from pensieve.sampling import SamplingParams, make_generator, sample_token
+from pensieve.sampling import RequestSampler, SamplingParams
 
 
 def generate_tokens(
@@ -27,14 +27,14 @@ def generate_tokens(
     max_context = model.config.max_position_embeddings
     limit = min(sampling.max_tokens or max_context, max_context - len(prompt))
     stops = frozenset(stop_token_ids)
-    generator = make_generator(sampling, model.device)
+    sampler = RequestSampler(sampling, model.device)
     kv = ContiguousKV(model.config.num_hidden_layers)
     inputs = torch.tensor(prompt, dtype=torch.long, device=model.device)
     position = 0
     for _ in range(max(limit, 0)):
         positions = torch.arange(position, position + len(inputs), device=model.device)
         hidden = model(inputs, positions, kv)
-        token = sample_token(model.logits(hidden[-1:])[0], sampling, generator)
+        token, _ = sampler.sample(model.logits(hidden[-1:])[0])
         yield token
         if token in stops and not sampling.ignore_eos:
             return

@@ -61,12 +61,12 @@ class ConversationInfo(msgspec.Struct):
     active: bool
 
 
-def conversation_info(cache: TieredCache, cid: str) -> ConversationInfo:
+def conversation_info(cache: TieredCache, cid: str, public_id: str) -> ConversationInfo:
     conv = cache.conversations[cid]
     device, host, dropped = conv.tier_tokens(cache.block_size)
     wall = time.time() - (cache.clock() - conv.last_active)
     return ConversationInfo(
-        cid, len(conv.tokens), device, host, dropped, wall, conv.turns, conv.owner is not None
+        public_id, len(conv.tokens), device, host, dropped, wall, conv.turns, conv.owner is not None
     )
 
 

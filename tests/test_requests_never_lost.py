@@ -9,6 +9,7 @@ import json
 import aiohttp
 import pytest
 
+from pensieve.actors.scheduler import scoped
 from pensieve.actors.swapper import Swapper
 from pensieve.config import EngineConfig
 from pensieve.engine import Engine
@@ -84,7 +85,7 @@ async def test_exception_in_admission_fails_one_turn_and_the_rest_are_served(
         real = cache.plan_admission
 
         def plan_admission(cid: str, target: list[int]) -> tuple[int, int]:
-            if cid == "doomed":
+            if cid == scoped("", "doomed"):
                 raise RuntimeError("injected admission fault")
             return real(cid, target)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from pensieve.actors.base import Actor
-from pensieve.actors.scheduler import Scheduler
+from pensieve.actors.scheduler import Scheduler, scoped
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
+from pensieve.conversation import Conversation
 from pensieve.messages import (
     Accepted,
     Cancel,
@@ -129,6 +130,9 @@ class Harness:
     def tokens(self, rid: int) -> list[int]:
         return [t for e in self.sink.events[rid] for t in e.tokens]
 
+    def conv(self, cid: str) -> Conversation:
+        return self.cache.conversations[scoped("", cid)]
+
     def finish(self, rid: int) -> TokenEvent:
         return self.sink.events[rid][-1]
 
@@ -173,7 +177,7 @@ async def test_swap_out_ahead_starts_at_threshold() -> None:
         await h.wait(rid)
         outs = [o for o in h.swapper.orders if o.direction == "out"]
         assert outs and sum(len(o.pairs) for o in outs) == 2
-        x = h.cache.conversations["x"]
+        x = h.conv("x")
         assert x.chunks[0].host is not None and x.chunks[0].device is not None  # lazy
         h.cache.check()
 
@@ -199,7 +203,7 @@ async def test_cancel_frees_blocks_at_once() -> None:
         h.scheduler.send(Cancel(rid, "cancelled"))
         await h.wait(rid)
         assert h.sink.events[rid][-1].finish_reason == "cancelled"
-        conv = h.cache.conversations["z"]
+        conv = h.conv("z")
         assert conv.owner is None and not conv.running
         assert h.cache.device.num_used == -(-len(conv.tokens) // 4)
         h.cache.check()
@@ -210,7 +214,7 @@ async def test_exception_in_admission_fails_only_that_request() -> None:
         real = h.cache.plan_admission
 
         def plan_admission(cid: str, target: list[int]) -> tuple[int, int]:
-            if cid == "bad":
+            if cid == scoped("", "bad"):
                 raise RuntimeError("injected")
             return real(cid, target)
 
@@ -224,14 +228,14 @@ async def test_exception_in_admission_fails_only_that_request() -> None:
         later = h.submit("c", [1, 1, 1])  # and it keeps serving
         await h.wait(later)
         assert h.finish(later).finish_reason == "length"
-        assert "bad" not in h.cache.conversations
+        assert scoped("", "bad") not in h.cache.conversations
         h.cache.check()
 
 
 async def test_exception_while_planning_a_row_fails_only_that_request() -> None:
     async with Harness() as h:
         real = h.cache.block_table
-        h.cache.block_table = lambda cid: 1 / 0 if cid == "bad" else real(cid)  # type: ignore
+        h.cache.block_table = lambda cid: 1 / 0 if cid == scoped("", "bad") else real(cid)  # type: ignore
         rids = [h.submit("a", [1, 2, 3]), h.submit("bad", [4, 5, 6])]
         await h.wait(*rids)
         assert h.finish(rids[0]).finish_reason == "length"
@@ -252,7 +256,7 @@ async def test_two_requests_on_one_conversation_run_one_after_the_other() -> Non
             assert not any(
                 {first, second} <= {r.request_id for r in p.rows} for p in h.executor.plans
             )
-            assert ("same" in h.cache.conversations) == keep
+            assert (scoped("", "same") in h.cache.conversations) == keep
             if keep:
                 assert h.finish(second).usage.cached_tokens == 6  # 7 had no KV yet
             h.cache.check()
@@ -273,7 +277,7 @@ async def test_failed_swap_out_leaves_chunks_on_device() -> None:
         await h.wait(h.submit("x", list(range(1, 30)), max_tokens=1))
         await h.wait(h.submit("y", list(range(100, 121)), max_tokens=1))  # below the threshold
         assert any(o.direction == "out" for o in h.swapper.orders)
-        x = h.cache.conversations["x"]
+        x = h.conv("x")
         assert all(ch.host is None and ch.device is not None for ch in x.chunks)
         assert h.cache.host is not None and h.cache.host.num_used == 0
         h.cache.check()
@@ -290,14 +294,14 @@ async def test_failed_restore_fails_the_turn_and_the_retry_recomputes() -> None:
         await h.wait(first)
         await h.wait(h.submit("y", list(range(40, 60)), max_tokens=1))  # pushes x to the host
         assert any(
-            ch.device is None and ch.host is not None for ch in h.cache.conversations["x"].chunks
+            ch.device is None and ch.host is not None for ch in h.conv("x").chunks
         )
         h.swapper.fail.add("in")
         prompt = list(range(1, 20)) + h.tokens(first) + [7]
         failed = h.submit("x", prompt, max_tokens=1)
         await h.wait(failed)
         assert h.finish(failed).finish_reason == "error"
-        assert "x" not in h.cache.conversations  # a failed turn's state is not trusted
+        assert scoped("", "x") not in h.cache.conversations  # a failed turn's state is not trusted
         h.cache.check()
         h.swapper.fail.clear()
         retry = h.submit("x", prompt, max_tokens=1)
