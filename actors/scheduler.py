@@ -23,16 +23,24 @@ from pensieve.actors.base import Actor
 from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
+from pensieve.disk_store import ConversationRecord
 from pensieve.errors import OverloadedError, to_info
 from pensieve.messages import (
     Accepted,
     Cancel,
     CheckAccounting,
     DeleteConversation,
+    ExportConversation,
     Forget,
+    ForgetOnDisk,
     GetStats,
+    ImportConversation,
     LayerProgress,
     ListConversations,
+    LoadDone,
+    LoadOrder,
+    PersistDone,
+    PersistOrder,
     Rejected,
     SequenceRows,
     Shutdown,
@@ -74,8 +82,10 @@ class Scheduler(Actor):
         max_context: int,
         stop_token_ids: frozenset[int],
         num_layers: int,
+        pools: dict | None = None,
     ):
         super().__init__()
+        self.pools = pools  # the KV pools, read between steps only to export and import
         self.cache = cache
         self.config = config
         self.max_context = max_context
@@ -88,13 +98,17 @@ class Scheduler(Actor):
         self.executor: Actor | None = None
         self.swapper: Actor | None = None
         self.sessions: Actor | None = None
+        self.disk: Actor | None = None  # with a state directory: the disk tier's actor
+        self.disk_pending = 0  # commits and loads whose answer was not applied yet
         self.step_id = 0
         total = cache.device.num_blocks
         self.reserve_blocks = math.ceil(config.decode_reserve * total)
         self.swap_threshold_blocks = math.ceil(config.swap_out_threshold * total)
 
-    def connect(self, executor: Actor, swapper: Actor, sessions: Actor) -> None:
-        self.executor, self.swapper, self.sessions = executor, swapper, sessions
+    def connect(
+        self, executor: Actor, swapper: Actor, sessions: Actor, disk: Actor | None = None
+    ) -> None:
+        self.executor, self.swapper, self.sessions, self.disk = executor, swapper, sessions, disk
 
     # ---- mailbox -------------------------------------------------------------------------
 
@@ -106,11 +120,14 @@ class Scheduler(Actor):
                 await self._on(self.mailbox.get_nowait())
             if self.waiting or self.running:
                 try:
-                    await self.step()
+                    worked = await self.step()
                 except Exception as exc:  # a bug in the step itself: fail its batch, keep serving
                     log.exception("step failed")
                     for seq in list(self.running):
                         self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                    worked = True
+                if not worked:  # every waiting request waits on something (a disk read)
+                    await self._on(await self.mailbox.get())
 
     async def _on(self, message: object) -> None:
         try:
@@ -139,9 +156,17 @@ class Scheduler(Actor):
                 message.reply.set_result(None)
             except AssertionError as exc:
                 message.reply.set_result(str(exc) or "accounting check failed")
+        elif isinstance(message, PersistDone | LoadDone):
+            self.disk_done(message)
+        elif isinstance(message, ExportConversation):
+            message.reply.set_result(self._export(scoped(message.tenant, message.conversation_id)))
+        elif isinstance(message, ImportConversation):
+            message.reply.set_result(self._import(message))
         elif isinstance(message, Shutdown):
             for seq in list(self.requests.values()):
                 self._finish(seq, "cancelled")
+            while self.disk_pending:  # drain: every finished turn is committed to disk
+                await self.handle(await self.mailbox.get())
             message.reply.set_result(None)
 
     def _submit(self, msg: Submit) -> None:
@@ -157,12 +182,40 @@ class Scheduler(Actor):
             key = self.cache.resolve(msg.prompt_tokens, msg.tenant)[0]
         key = key or scoped(msg.tenant, secrets.token_hex(16))  # 128 random bits: unguessable
         # the first request on a conversation holds it; later ones wait for it (FCFS)
-        self.cache.acquire(key, rid, named=msg.conversation_id is not None, tenant=msg.tenant)
+        if self.cache.acquire(key, rid, named=msg.conversation_id is not None, tenant=msg.tenant):
+            self._reading(key)  # a returning conversation's disk chunks: read them now
         seq = Sequence.from_submit(msg, key, self.max_context, self.stop_token_ids)
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.counters.requests += 1
         self.sessions.send(Accepted(rid, public_id(key)))  # type: ignore[union-attr]
+
+    def _export(self, key: str) -> tuple[ConversationRecord, list] | None:
+        """A conversation's record and the KV chunks it has in memory (disk-only ones: None)."""
+        conv = self.cache.conversations.get(key)
+        if conv is None or self.pools is None:
+            return None
+        record = ConversationRecord(
+            key, list(conv.tokens), conv.last_prompt_len, conv.named, conv.tenant, conv.turns, []
+        )
+        chunks = self.cache.chunk_tensors(key, self.pools)  # type: ignore[attr-defined]
+        return record, chunks[: len(conv.tokens) // self.cache.block_size]
+
+    def _import(self, msg: ImportConversation) -> str | None:
+        """Make an exported conversation this server's; an error text if it cannot be now."""
+        key = scoped(msg.tenant, msg.conversation_id)
+        if self.pools is None or self.cache.host is None:
+            return "importing needs a host tier (stateful mode)"
+        if self.cache.owner(key) is not None:
+            return f"conversation {msg.conversation_id!r} is in use"
+        if key in self.cache.conversations:
+            self.cache.delete(key)
+        record = msg.record
+        record.key, record.tenant = key, msg.tenant
+        self.cache.import_chunks(record, msg.chunks, self.pools)  # type: ignore[attr-defined]
+        if self.disk is not None:
+            self._commit(key)
+        return None
 
     def _list(self, tenant: str, cid: str | None) -> list[ConversationInfo]:
         known = self.cache.conversations
@@ -176,11 +229,13 @@ class Scheduler(Actor):
             self._finish(seq, "cancelled")
         if cid in self.cache.conversations:
             self.cache.delete(cid)
+        self._forget_on_disk()
         return True
 
     # ---- one step ------------------------------------------------------------------------
 
-    async def step(self) -> None:
+    async def step(self) -> bool:
+        """One forward step; False if there was nothing to run."""
         rows: list[Rows] = []
         budget = self.config.max_batch_tokens
         for seq in sorted(self.running, key=lambda s: s.arrival):
@@ -214,13 +269,14 @@ class Scheduler(Actor):
             if ahead is not None:
                 await self._settle("out", *ahead)
         if result is None:
-            return
+            return bool(restores)
         error = result.error or (None if restored else "restoring the cached history failed")
         if error is not None:
             for seq, _ in rows:
                 self._finish(seq, "error", error=error)
-            return
+            return True
         self._advance(rows, result)
+        return True
 
     def _plan_rows(self, rows: list[Rows]) -> dict[int, SequenceRows]:
         """Each sequence's part of the step; a sequence whose plan fails is failed alone."""
@@ -290,7 +346,7 @@ class Scheduler(Actor):
         """Tokens it takes in this step; 0 when there is no room yet, None when its
         conversation is busy."""
         cid, cache = seq.conversation_id, self.cache
-        if not cache.acquire(cid, seq.request_id):
+        if not cache.acquire(cid, seq.request_id) or self._reading(cid):
             return None
         target = seq.target
         _, need = cache.plan_admission(cid, target)
@@ -413,9 +469,58 @@ class Scheduler(Actor):
             self.waiting.remove(seq)
         keep = seq.keep_cache and error is None
         self.cache.release(seq.conversation_id, seq.request_id, keep=keep)
+        if self.disk is not None:
+            self._commit(seq.conversation_id)
         usage = seq.usage or Usage(len(seq.prompt))
         usage.completion_tokens = len(seq.generated)
         self.executor.send(Forget([seq.request_id]))  # type: ignore[union-attr]
         self.sessions.send(  # type: ignore[union-attr]
             TokenEvent(seq.request_id, finish_reason=reason, usage=usage, error=error)
         )
+
+    # ---- the disk tier -------------------------------------------------------------------
+
+    def _commit(self, cid: str) -> None:
+        """After a turn: write the conversation's new full chunks and commit its record."""
+        self._forget_on_disk()
+        if cid not in self.cache.conversations:
+            return
+        record, writes, stale = self.cache.plan_persist(cid)  # type: ignore[attr-defined]
+        self._ask_disk(PersistOrder, record=record, writes=writes, stale=stale)
+
+    def _reading(self, cid: str) -> bool:
+        """True while the conversation's disk chunks are being read back (starting it here)."""
+        conv = self.cache.conversations.get(cid)
+        if self.disk is None or conv is None:
+            return False
+        if not conv.loading and not conv.running and self.cache.needs_load(cid):  # type: ignore[attr-defined]
+            loads = self.cache.plan_load(cid)  # type: ignore[attr-defined]
+            if loads:
+                self._ask_disk(LoadOrder, key=cid, loads=loads)
+        return conv.loading
+
+    def _ask_disk(self, make: type, **fields: object) -> None:
+        """Send an order to the disk actor; its answer comes back through the mailbox."""
+        reply = asyncio.get_running_loop().create_future()
+        self.disk_pending += 1
+        reply.add_done_callback(lambda done: self.send(done.result()))
+        self.disk.send(make(reply=reply, **fields))  # type: ignore[union-attr]
+
+    def disk_done(self, done: PersistDone | LoadDone) -> None:
+        """Apply a commit's or a load's outcome to the cache."""
+        self.disk_pending -= 1
+        if isinstance(done, LoadDone):
+            self.cache.load_done(done.key, done.loads, done.failed)  # type: ignore[attr-defined]
+            self.counters.disk_reads += len(done.loads) - len(done.failed)
+            return
+        self.cache.persist_done(done.refs, done.writes, done.error is None)  # type: ignore[attr-defined]
+        self.counters.disk_writes += len(done.refs)
+        self.counters.commit_lag_seconds = done.seconds
+        self._forget_on_disk()
+
+    def _forget_on_disk(self) -> None:
+        if self.disk is None:
+            self.cache.forgotten.clear()
+        for key, uids in self.cache.forgotten:
+            self.disk.send(ForgetOnDisk(key, uids))  # type: ignore[union-attr]
+        self.cache.forgotten.clear()

@@ -22,7 +22,9 @@ from pensieve.conversation import Admission, Chunk, Conversation
 from pensieve.policy import CostModel, EvictionIndex
 from pensieve.prefix_index import PrefixIndex, common_prefix
 
-KINDS = ("host_drop", "reclaim", "swap", "drop")  # the four ways a chunk leaves a tier
+# the ways a chunk leaves a tier: a disk copy deleted, a host copy freed (it has a disk copy) or
+# dropped, a device block freed (it has a host copy), copied out, or dropped
+KINDS = ("disk_drop", "host_reclaim", "host_drop", "reclaim", "swap", "drop")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -52,6 +54,8 @@ class TieredCache:
         self._restores: list[tuple[int, int]] = []  # planned restores not yet handed out
         self._busy: dict[str, set[int]] = {"device": set(), "host": set()}  # a copy uses them
         self._deferred: list[tuple[str, int]] = []  # freed while busy: freed when the copy ends
+        self.disk_used = 0  # chunks with a disk file, written or being written
+        self.forgotten: list[tuple[str, list[str]]] = []  # deleted conversations' disk files
 
     # ---- ownership ------------------------------------------------------------------------
 
@@ -104,9 +108,11 @@ class TieredCache:
     def delete(self, cid: str) -> None:
         conv = self.conversations.pop(cid)
         for ch in conv.chunks:
-            self._free_chunk(ch)
+            self._free_chunk(ch, conv)
         self.prefixes.remove(cid)
         self._reindex(conv)
+        if conv.stale_files or conv.turns:  # its record on disk (if any) goes too
+            self.forgotten.append((cid, conv.stale_files))
 
     # ---- admission and progress ---------------------------------------------------------
 
@@ -153,11 +159,12 @@ class TieredCache:
         self._restores += swap_in
         while len(conv.chunks) * self.block_size < len(target):
             conv.chunks.append(Chunk(device=self.device.allocate(1)[0]))
-        if lcp % self.block_size:  # the chunk the prompt continues will change: its copy goes stale
+        if lcp % self.block_size:  # the chunk the prompt continues will change: its copies go stale
             tail = conv.chunks[lcp // self.block_size]
             if tail.host is not None:
                 self._free_block("host", tail.host)  # after its restore, if one reads it
                 tail.host = None
+            self._forget_file(conv, tail)
         recompute = min(conv.dropped * self.block_size, lcp)
         conv.recompute_end, conv.recomputed = recompute, 0
         conv.running = True
@@ -191,7 +198,7 @@ class TieredCache:
         """Forget everything past the first n_tokens (a diverging history)."""
         keep = _ceil_div(n_tokens, self.block_size)
         for ch in conv.chunks[keep:]:
-            self._free_chunk(ch)
+            self._free_chunk(ch, conv)
         del conv.chunks[keep:]
         del conv.tokens[n_tokens:]
         conv.dropped = min(conv.dropped, keep)
@@ -223,11 +230,11 @@ class TieredCache:
         """Out of the batch: free blocks past its tokens and an unfinished recompute's range."""
         keep_chunks = _ceil_div(len(conv.tokens), self.block_size)
         for ch in conv.chunks[keep_chunks:]:
-            self._free_chunk(ch)
+            self._free_chunk(ch, conv)
         del conv.chunks[keep_chunks:]
         if conv.recompute_end:  # an unfinished recompute leaves its range dropped again
             for ch in conv.chunks[: conv.dropped]:
-                self._free_chunk(ch)
+                self._free_chunk(ch, conv)
             conv.recompute_end = conv.recomputed = 0
         conv.running = False
         conv.last_active = self.clock()
@@ -254,17 +261,25 @@ class TieredCache:
                 self._allocator(tier).free(block)
         self._deferred = still
 
-    def _free_chunk(self, ch: Chunk) -> None:
+    def _free_chunk(self, ch: Chunk, conv: Conversation) -> None:
         if ch.device is not None:
             self._restoring.pop(ch.device, None)
             self._free_block("device", ch.device)
-        if ch.host is not None:
-            self._free_block("host", ch.host)
-        if ch.copy_to is not None:
-            self._outgoing.pop(ch.copy_to, None)
-            self._free_block("host", ch.copy_to)
-        ch.device = ch.host = ch.copy_to = None
+        for block in (ch.host, ch.copy_to, ch.loading_to):
+            if block is not None:
+                self._outgoing.pop(block, None)
+                self._free_block("host", block)
+        ch.device = ch.host = ch.copy_to = ch.loading_to = None
         ch.restoring = False
+        self._forget_file(conv, ch)
+
+    def _forget_file(self, conv: Conversation, ch: Chunk) -> None:
+        """The chunk's disk file (written or being written) no longer holds its KV."""
+        for uid in (ch.disk.uid if ch.disk is not None else None, ch.disk_pending):
+            if uid is not None:
+                conv.stale_files.append(uid)
+                self.disk_used -= 1
+        ch.disk = ch.disk_pending = None
 
     # ---- eviction ------------------------------------------------------------------------
 
@@ -282,12 +297,19 @@ class TieredCache:
         def device_only(ch: Chunk) -> bool:
             return ch.device is not None and ch.host is None and ch.copy_to is None
 
+        def host_only(ch: Chunk) -> bool:
+            return ch.device is None and ch.host is not None
+
         d = conv.dropped
-        h = run(d, lambda ch: ch.device is None and ch.host is not None)  # [d, h): host only
+        k = run(d, lambda ch: ch.device is None and ch.host is None)  # [d, k): on disk only
+        h = run(k, host_only)  # [k, h): host only
         c = run(h, lambda ch: ch.device is not None and ch.host is not None)  # [h, c): both
         i = run(c, lambda ch: ch.copy_to is not None)  # [c, i): being copied out right now
+        no_file = run(d, lambda ch: host_only(ch) and ch.disk is None) if k == d else d
         return {
-            "host_drop": (d, h - d),
+            "disk_drop": (d, k - d),
+            "host_reclaim": (k, run(k, lambda ch: host_only(ch) and ch.disk is not None) - k),
+            "host_drop": (d, no_file - d),
             "reclaim": (h, c - h),
             "swap": (i, run(i, device_only) - i),
             "drop": (d, run(d, device_only) - d),
@@ -295,7 +317,7 @@ class TieredCache:
 
     def _reindex(self, conv: Conversation) -> None:
         """Refresh the conversation's eviction candidates (none while running or deleted)."""
-        live = not conv.running and self.conversations.get(conv.id) is conv
+        live = not (conv.running or conv.loading) and self.conversations.get(conv.id) is conv
         runs = self._runs(conv) if live else dict.fromkeys(KINDS, (0, 0))
         for kind, (first, count) in runs.items():
             self.evictable[kind].set(conv.id, first, count, conv.last_active)
@@ -319,17 +341,26 @@ class TieredCache:
         return len(picks)
 
     def _host_block(self) -> int | None:
-        """A free host block, dropping the lowest-value host-only chunk when the tier is full."""
+        """A free host block. When the tier is full: free the lowest-value host copy that is
+        also on disk, else drop the lowest-value leading host-only chunk."""
         if self.host is None:
             return None
         if self.host.num_free == 0:
-            victims = self._pick("host_drop", 1)
-            if not victims:
+            for kind in ("host_reclaim", "host_drop"):
+                victims = self._pick(kind, 1)
+                if victims:
+                    break
+            else:
                 return None
             conv, i = victims[0]
-            self._free_chunk(conv.chunks[i])
-            conv.dropped = i + 1
-            self.dropped_chunks += 1
+            ch = conv.chunks[i]
+            if kind == "host_reclaim":
+                self._free_block("host", ch.host)  # type: ignore[arg-type]
+                ch.host = None
+            else:
+                self._free_chunk(ch, conv)
+                conv.dropped = i + 1
+                self.dropped_chunks += 1
             self._reindex(conv)
             if self.host.num_free == 0:  # its block is still read by a copy
                 return None
@@ -376,7 +407,7 @@ class TieredCache:
         full), lowest value first."""
         picks = self._pick("drop", n)
         for conv, i in picks:
-            self._free_chunk(conv.chunks[i])
+            self._free_chunk(conv.chunks[i], conv)
             conv.dropped = i + 1
         self.dropped_chunks += len(picks)
         self._reindex_all(conv for conv, _ in picks)
@@ -396,7 +427,7 @@ class TieredCache:
             for i, ch in enumerate(conv.chunks):
                 if ch.device is not None:
                     dev.append(ch.device)
-                for block in (ch.host, ch.copy_to):
+                for block in (ch.host, ch.copy_to, ch.loading_to):
                     if block is not None:
                         host.append(block)
                 if i < conv.dropped and not conv.running:

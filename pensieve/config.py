@@ -98,3 +98,5 @@ class EngineConfig:
     profile_cost: bool = True  # profile Cost(l) at start-up (fakes in tests turn it off)
     cache_dir: str | None = None  # where GGUF files are converted; default ~/.cache/pensieve
     max_model_len: int | None = None  # cap on prompt + reply tokens (None: the model's window)
+    state_dir: str | None = None  # keep conversations on disk here, across restarts (off: None)
+    disk_cache_tokens: int = 262144  # disk tier capacity (with state_dir)

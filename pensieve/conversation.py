@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -11,10 +12,13 @@ class Chunk:
     host: int | None = None  # block id of a complete host copy (a copy when device is set too)
     copy_to: int | None = None  # host block a device->host copy is writing (not valid yet)
     restoring: bool = False  # the device block is being filled from `host` (not valid yet)
+    disk: Any = None  # disk_store.ChunkRef of a complete, committed file of this chunk
+    disk_pending: str | None = None  # uid of a file being written for it (not valid yet)
+    loading_to: int | None = None  # host block a disk read is filling (not valid yet)
 
     @property
     def dropped(self) -> bool:
-        return self.device is None and self.host is None
+        return self.device is None and self.host is None and self.disk is None
 
 
 @dataclass
@@ -32,19 +36,23 @@ class Conversation:
     last_prompt_len: int = 0
     named: bool = False  # the client chose the id: never matched by prefix
     tenant: str = ""  # whose it is: only that tenant's requests see or continue it
+    loading: bool = False  # its disk chunks are being read back: not admitted until done
+    stale_files: list[str] = field(default_factory=list)  # chunk files its record may still name
 
-    def tier_tokens(self, block_size: int) -> tuple[int, int, int]:
-        """(device, host-only, dropped) token counts."""
-        device = host = dropped = 0
+    def tier_tokens(self, block_size: int) -> tuple[int, int, int, int]:
+        """(device, host-only, disk-only, dropped) token counts."""
+        device = host = disk = dropped = 0
         for i, ch in enumerate(self.chunks):
             n = max(0, min(block_size, len(self.tokens) - i * block_size))
             if ch.device is not None:
                 device += n
             elif ch.host is not None:
                 host += n
+            elif ch.disk is not None:
+                disk += n
             else:
                 dropped += n
-        return device, host, dropped
+        return device, host, disk, dropped
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pensieve.actors.base import Actor
+from pensieve.actors.disk import DiskActor
 from pensieve.actors.executor import Executor
 from pensieve.actors.scheduler import Scheduler
 from pensieve.actors.session_manager import SessionManager
@@ -29,20 +30,26 @@ from pensieve.actors.swapper import Swapper
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
+from pensieve.disk_store import DiskStore, fingerprint
+from pensieve.durable import DurableCache
 from pensieve.errors import (
+    ConflictError,
     EngineError,
     InvalidRequestError,
     NotFoundError,
     PensieveError,
     from_info,
 )
+from pensieve.export import decode_export, encode_export, profile_disk_read
 from pensieve.messages import (
     Cancel,
     CheckAccounting,
     DeleteConversation,
     Delta,
+    ExportConversation,
     Finished,
     GetStats,
+    ImportConversation,
     ListConversations,
     OpenTurn,
     Shutdown,
@@ -158,6 +165,7 @@ class Engine:
         self._started = False
         self._request_ids = itertools.count(1)
         self._actors: list[Actor] = []
+        self._fingerprint: str | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -196,16 +204,42 @@ class Engine:
             host_pool = KVPool.empty(
                 layers, host_blocks, *layout, device=torch.device("cpu"), pin_memory=True
             )
-        cache = TieredCache(cfg.block_size, device_blocks, host_blocks, self._cost_model)
+        self._layout = (layers, mc.num_key_value_heads, mc.head_dim)
+        pools = {"device": device_pool, "host": host_pool}
+        disk = None
+        if cfg.state_dir is not None:
+            if host_pool is None:
+                raise InvalidRequestError(
+                    "--state-dir needs the host tier (stateful mode, host cache > 0)",
+                    param="state_dir",
+                )
+            store = DiskStore(cfg.state_dir, await self.fingerprint())
+            records = await asyncio.to_thread(store.load_records)
+            read_seconds = await asyncio.to_thread(profile_disk_read, store, host_pool)
+            cache: TieredCache = DurableCache(
+                cfg.block_size, device_blocks, host_blocks, self._cost_model,
+                disk_blocks=max(1, cfg.disk_cache_tokens // cfg.block_size),
+                read_seconds=read_seconds,
+            )  # fmt: skip
+            for record in records:
+                cache.restore_record(record)  # type: ignore[attr-defined]
+            log.info("state dir %s: %d conversations restored", cfg.state_dir, len(records))
+            disk = DiskActor(store, device_pool, host_pool)
+        else:  # no disk tier; export and import still work
+            cache = DurableCache(
+                cfg.block_size, device_blocks, host_blocks, self._cost_model, disk_blocks=0
+            )
         stop_ids = frozenset(self._loaded.tokenizer.eos_token_ids)
-        self._scheduler = Scheduler(cache, cfg, self.max_context, stop_ids, layers)
+        self._scheduler = Scheduler(cache, cfg, self.max_context, stop_ids, layers, pools)
         swapper = Swapper(device_pool, host_pool)
         executor = Executor(model, device_pool)
         self._sessions = SessionManager(
             self._loaded.tokenizer, self._scheduler, self.max_context, cfg.mode == "stateless"
         )
-        self._scheduler.connect(executor, swapper, self._sessions)
+        self._scheduler.connect(executor, swapper, self._sessions, disk)
         self._actors = [swapper, executor, self._scheduler, self._sessions]
+        if disk is not None:
+            self._actors.append(disk)
         for actor in self._actors:
             actor.start()
         self._started = True
@@ -279,6 +313,43 @@ class Engine:
             return rid
 
         return ChatStream(open_turn, lambda message: self._sessions.send(message))
+
+    async def fingerprint(self) -> str:
+        """The digest of weights, dtype, block size and KV layout that disk state is keyed by."""
+        if self._fingerprint is None:
+            self._fingerprint = await asyncio.to_thread(
+                fingerprint, self.loaded.model, self.config.block_size, self._layout
+            )
+        return self._fingerprint
+
+    async def export_conversation(self, conversation_id: str, tenant: str = "") -> bytes:
+        """One conversation as a self-describing safetensors file: token ids, metadata and the
+        KV chunks it has in memory (chunks only on disk are left out and recomputed)."""
+        found = await self._ask(
+            self._scheduler, ExportConversation, conversation_id=conversation_id, tenant=tenant
+        )
+        if found is None:
+            raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")
+        record, chunks = found
+        return encode_export(record, chunks, await self.fingerprint())
+
+    async def import_conversation(
+        self, data: bytes, conversation_id: str, tenant: str = ""
+    ) -> ConversationInfo:
+        """Restore an exported conversation under `conversation_id` (replacing an idle one).
+        ConflictError (409) if it was written for another model or the id is in use."""
+        record, chunks = decode_export(data, await self.fingerprint())
+        problem = await self._ask(
+            self._scheduler,
+            ImportConversation,
+            conversation_id=conversation_id,
+            record=record,
+            chunks=chunks,
+            tenant=tenant,
+        )
+        if problem is not None:
+            raise ConflictError(problem, param="conversation_id")
+        return await self.conversation(conversation_id, tenant)
 
     @property
     def tokenizer(self) -> ChatTokenizer:

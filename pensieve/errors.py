@@ -49,6 +49,14 @@ class NotFoundError(PensieveError):
     type = "not_found_error"
 
 
+class ConflictError(PensieveError):
+    """The request conflicts with the server's state (another model's exported state; a
+    conversation in use)."""
+
+    status = 409
+    type = "conflict_error"
+
+
 class OverloadedError(PensieveError):
     """The bounded admission queue is full; the client should retry later."""
 

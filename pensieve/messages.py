@@ -156,6 +156,20 @@ class ListConversations(msgspec.Struct):
     tenant: str = ""
 
 
+class ExportConversation(msgspec.Struct):
+    conversation_id: str
+    reply: asyncio.Future  # -> (ConversationRecord, [KV pairs or None per chunk]) or None
+    tenant: str = ""
+
+
+class ImportConversation(msgspec.Struct):
+    conversation_id: str
+    record: Any  # disk_store.ConversationRecord
+    chunks: list[Any]  # per chunk: (keys, values) tensors, or None (recomputed)
+    reply: asyncio.Future  # -> None, or why it could not be imported now
+    tenant: str = ""
+
+
 class GetStats(msgspec.Struct):
     reply: asyncio.Future  # -> EngineStats
 
@@ -241,6 +255,52 @@ class SwapOrder(msgspec.Struct):
     pairs: list[tuple[int, int]]  # (source block, destination block)
     reply: asyncio.Future  # -> SwapDone
     progress: LayerProgress | None = None  # signalled per layer (swap-in)
+
+
+class ChunkWrite(msgspec.Struct):
+    """One full chunk to write to disk, read from a pool block kept busy until PersistDone."""
+
+    index: int  # the chunk's position in its conversation
+    uid: str
+    tier: str  # "device" or "host"
+    block: int
+
+
+class PersistOrder(msgspec.Struct):
+    """Write these chunks, then commit `record` (its refs for `writes` filled in) atomically."""
+
+    record: Any  # disk_store.ConversationRecord
+    writes: list[ChunkWrite]
+    stale: list[str]  # chunk files the previous record named that this one no longer does
+    reply: asyncio.Future  # -> PersistDone
+
+
+class PersistDone(msgspec.Struct):
+    key: str
+    writes: list[ChunkWrite]  # the order's
+    refs: dict[int, Any]  # chunk index -> disk_store.ChunkRef of each write
+    seconds: float
+    error: str | None = None
+
+
+class LoadOrder(msgspec.Struct):
+    """Read disk chunks into host blocks (a returning conversation's prefetch)."""
+
+    key: str
+    loads: list[tuple[int, Any, int]]  # (chunk index, disk_store.ChunkRef, host block)
+    reply: asyncio.Future  # -> LoadDone
+
+
+class LoadDone(msgspec.Struct):
+    key: str
+    loads: list[tuple[int, Any, int]]  # the order's
+    failed: list[int]  # chunk indexes whose file was missing or corrupt
+    seconds: float
+
+
+class ForgetOnDisk(msgspec.Struct):
+    key: str
+    uids: list[str]
 
 
 class SwapDone(msgspec.Struct):

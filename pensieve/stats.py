@@ -26,6 +26,9 @@ class Counters:
     swap_in_blocks: int = 0
     preemptions: int = 0
     steps: int = 0
+    disk_writes: int = 0  # chunk files written
+    disk_reads: int = 0  # chunk files read back
+    commit_lag_seconds: float = 0.0  # the last commit: from the turn's end to its record on disk
 
 
 class EngineStats(msgspec.Struct):
@@ -48,6 +51,12 @@ class EngineStats(msgspec.Struct):
     block_size: int
     steps_total: int
     conversations: int
+    disk_blocks_used: int = 0
+    disk_blocks_total: int = 0
+    disk_writes_total: int = 0
+    disk_reads_total: int = 0
+    disk_checksum_failures_total: int = 0
+    commit_lag_seconds: float = 0.0
 
 
 class ConversationInfo(msgspec.Struct):
@@ -59,14 +68,23 @@ class ConversationInfo(msgspec.Struct):
     last_active: float  # unix seconds
     turns: int
     active: bool
+    tokens_disk: int = 0  # only on disk (restored to host when the conversation returns)
 
 
 def conversation_info(cache: TieredCache, cid: str, public_id: str) -> ConversationInfo:
     conv = cache.conversations[cid]
-    device, host, dropped = conv.tier_tokens(cache.block_size)
+    device, host, disk, dropped = conv.tier_tokens(cache.block_size)
     wall = time.time() - (cache.clock() - conv.last_active)
     return ConversationInfo(
-        public_id, len(conv.tokens), device, host, dropped, wall, conv.turns, conv.owner is not None
+        public_id,
+        len(conv.tokens),
+        device,
+        host,
+        dropped,
+        wall,
+        conv.turns,
+        conv.owner is not None,
+        tokens_disk=disk,
     )
 
 
@@ -91,4 +109,10 @@ def engine_stats(c: Counters, cache: TieredCache, running: int, waiting: int) ->
         block_size=cache.block_size,
         steps_total=c.steps,
         conversations=len(cache.conversations),
+        disk_blocks_used=cache.disk_used,
+        disk_blocks_total=getattr(cache, "disk_blocks", 0),
+        disk_writes_total=c.disk_writes,
+        disk_reads_total=c.disk_reads,
+        disk_checksum_failures_total=getattr(cache, "checksum_failures", 0),
+        commit_lag_seconds=c.commit_lag_seconds,
     )

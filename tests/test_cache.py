@@ -122,7 +122,7 @@ def test_swap_out_is_lazy_and_reclaim_takes_leading_copies() -> None:
     chunks = cache.conversations["a"].chunks
     assert chunks[0].device is None and chunks[0].host is not None
     assert chunks[1].device is not None and chunks[1].host is not None
-    assert cache.conversations["a"].tier_tokens(BS) == (12, 4, 0)
+    assert cache.conversations["a"].tier_tokens(BS) == (12, 4, 0, 0)
     cache.check()
 
 
@@ -134,10 +134,10 @@ def test_full_host_drops_lowest_value_leading_chunk() -> None:
     clock.now += 1
     swap_out(cache, 2)  # both host blocks go to "old" (idle longest)
     cache.reclaim(2)
-    assert cache.conversations["old"].tier_tokens(BS) == (0, 8, 0)
+    assert cache.conversations["old"].tier_tokens(BS) == (0, 8, 0, 0)
     swap_out(cache, 1)  # host full: old's leading chunk is dropped to make room
     old = cache.conversations["old"]
-    assert old.dropped == 1 and old.tier_tokens(BS) == (0, 4, 4)
+    assert old.dropped == 1 and old.tier_tokens(BS) == (0, 4, 0, 4)
     assert old.tokens == list(range(8))  # token ids are kept
     cache.check()
 
@@ -150,7 +150,7 @@ def test_returning_conversation_restores_and_recomputes_dropped_prefix() -> None
         swap_out(cache, 1)
         cache.reclaim(1)
     conv = cache.conversations["c"]
-    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 4, 4)
+    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 4, 0, 4)
     assert cache.acquire("c", 2)
     cache.begin("c")
     adm = cache.admit("c", list(range(12)) + [99, 98])
@@ -211,7 +211,7 @@ def test_unfinished_recompute_leaves_range_dropped() -> None:
     adm = cache.admit("c", list(range(8)) + [42])
     cache.commit("c", adm.pending[:2])  # cancelled mid-recompute
     cache.release("c", 3)
-    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 0, 4)
+    assert conv.dropped == 1 and conv.tier_tokens(BS) == (4, 0, 0, 4)
     cache.check()
 
 
