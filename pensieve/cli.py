@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from importlib import import_module
 
-from pensieve.cli_args import add_engine_arguments, engine_config_from_args
+from pensieve.cli_args import add_engine_arguments, engine_config_from_args, parse_args
 from pensieve.errors import PensieveError
 
 # command -> (module, help); each module has add_arguments(parser) and run(args) -> int
@@ -88,7 +88,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, runners = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, command=True)
     try:
         result = runners[args.command](args)
         if asyncio.iscoroutine(result):
