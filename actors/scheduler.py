@@ -199,7 +199,7 @@ class Scheduler(Actor):
             key, list(conv.tokens), conv.last_prompt_len, conv.named, conv.tenant, conv.turns, []
         )
         chunks = self.cache.chunk_tensors(key, self.pools)  # type: ignore[attr-defined]
-        return record, chunks[: len(conv.tokens) // self.cache.block_size]
+        return record, chunks[: -(-len(conv.tokens) // self.cache.block_size)]
 
     def _import(self, msg: ImportConversation) -> str | None:
         """Make an exported conversation this server's; an error text if it cannot be now."""
