@@ -29,6 +29,9 @@ ENGINE_COUNTERS = [
     ("dropped_tokens", "dropped_tokens_total", "History tokens whose KV was dropped."),
     ("preemptions", "preemptions_total", "Running requests suspended to free device memory."),
     ("engine_steps", "steps_total", "Forward steps run."),
+    ("disk_writes", "disk_writes_total", "KV chunk files written to the disk tier."),
+    ("disk_reads", "disk_reads_total", "KV chunk files read back from the disk tier."),
+    ("disk_checksum_failures", "disk_checksum_failures_total", "Chunk files found corrupt."),
 ]
 
 # (metric name, EngineStats field, help): point-in-time engine gauges.
@@ -37,6 +40,7 @@ ENGINE_GAUGES = [
     ("requests_waiting", "requests_waiting", "Requests queued for admission."),
     ("conversations", "conversations", "Conversations whose history is kept."),
     ("block_size_tokens", "block_size", "Tokens per KV block."),
+    ("commit_lag_seconds", "commit_lag_seconds", "The last commit: turn end to record on disk."),
 ]
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -69,7 +73,7 @@ class EngineCollector(Collector):
         capacity = GaugeMetricFamily(
             PREFIX + "cache_blocks_capacity", "KV blocks available per tier.", labels=["tier"]
         )
-        for tier in ("device", "host"):
+        for tier in ("device", "host", "disk"):
             used.add_metric([tier], getattr(stats, f"{tier}_blocks_used"))
             capacity.add_metric([tier], getattr(stats, f"{tier}_blocks_total"))
         yield used
