@@ -352,6 +352,27 @@ async def test_client_disconnect_cancels_generation_without_leaking(
     await engine.check_accounting()
 
 
+@pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
+async def test_penalties_reduce_repeated_tokens(server: Server, penalty: str) -> None:
+    """The default model's greedy answer repeats tokens; a penalty changes it and repeats
+    fewer (logprobs name the tokens, and the openai client parses their format)."""
+
+    async def tokens(**extra: float) -> list[str]:
+        reply = await server.client.chat.completions.create(
+            model=server.engine.model_name,
+            messages=user("Count from one to twenty."),
+            temperature=0,
+            max_tokens=24,
+            logprobs=True,
+            **extra,
+        )
+        return [t.token for t in reply.choices[0].logprobs.content]
+
+    plain, penalised = await tokens(), await tokens(**{penalty: 2.0})
+    assert penalised != plain
+    assert len(penalised) - len(set(penalised)) < len(plain) - len(set(plain))
+
+
 async def test_metrics(server: Server) -> None:
     async with server.http.get(server.url + "/metrics") as resp:
         assert resp.status == 200
@@ -385,20 +406,30 @@ async def test_metrics(server: Server) -> None:
         assert ("pensieve_" + name, ()) in samples
 
 
-async def test_draining_refuses_new_requests_and_cancels_past_grace(server: Server) -> None:
-    """Shutdown in-process: after the grace period, streams still running are cancelled."""
+async def test_draining_refuses_new_requests_and_interrupts_past_grace(server: Server) -> None:
+    """Shutdown in-process: after the grace period, a stream still running ends with an error
+    chunk and [DONE], a non-streamed request with 503; their blocks are freed."""
     engine = server.engine
     body = chat_body(max_tokens=2000, ignore_eos=True, stream=True)
     resp = await server.http.post(server.chat_url(), json=body)
     assert (await resp.content.readline()).startswith(b"data: ")
+    whole = asyncio.ensure_future(
+        server.http.post(server.chat_url(), json=chat_body(max_tokens=2000, ignore_eos=True))
+    )
+    await wait_until(lambda: asyncio.sleep(0, server.state.in_flight == 2))
     assert not await server.state.drain(grace_s=0.2)
+    events = [line for line in (await resp.read()).decode().splitlines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    async with await whole as interrupted:
+        assert interrupted.status == 503
+        assert (await interrupted.json())["error"]["code"] == "shutting_down"
     async with server.http.post(server.chat_url(), json=chat_body()) as refused:
         assert refused.status == 503
         assert refused.headers["Retry-After"] == "1"
         assert (await refused.json())["error"]["code"] == "shutting_down"
     async with server.http.get(server.url + "/health") as health:
         assert health.status == 503
-    await server.stop()  # aiohttp cancels the handler still streaming
+    await server.stop()
     await wait_until(lambda: settled(server))
-    resp.close()
     await engine.check_accounting()

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 from aiohttp import web
 
-from pensieve.errors import PensieveError
+from pensieve.errors import ConflictError, PensieveError
 from pensieve.messages import TokenLogprob
 from pensieve.server.state import (
     DISCONNECTED,
     SESSION_HEADER,
-    ConflictError,
     ServerState,
     UnavailableError,
     json_response,

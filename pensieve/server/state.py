@@ -48,13 +48,6 @@ class UnavailableError(PensieveError):
     retry_after_s = 1.0
 
 
-class ConflictError(PensieveError):
-    """The generation was cancelled by another request (its conversation was deleted)."""
-
-    status = 409
-    type = "conflict_error"
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     """What `pensieve serve` configures beyond the engine. Keys are kept out of the repr so that
