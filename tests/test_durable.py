@@ -129,3 +129,42 @@ async def test_state_of_another_model_is_ignored(tiny: LoadedModel, tmp_path: Pa
         assert await engine.conversations() == []  # its fingerprint differs
     async with engine_for(tiny, state_dir=str(tmp_path)) as engine:
         assert [c.id for c in await engine.conversations()] == ["kept"]
+
+
+async def test_state_routes_move_a_conversation_between_servers(tiny: LoadedModel) -> None:
+    """GET /v1/conversations/{id}/state on one server, PUT on another: it continues there."""
+    import aiohttp
+
+    from pensieve.server.app import create_app, start_server
+
+    engines = [await engine_for(tiny).start(), await engine_for(tiny, block_size=32).start()]
+    engines.append(await engine_for(tiny).start())
+    servers = [await start_server(create_app(e), shutdown_timeout=0.5) for e in engines]
+    urls = [f"http://127.0.0.1:{port}/v1" for _, port in servers]
+    body = {"messages": history(5, 1), "temperature": 0, "max_tokens": 6}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(urls[0] + "/chat/completions", json=body,
+                                 headers={"X-Session-ID": "m"}) as r:  # fmt: skip
+                reply = (await r.json())["choices"][0]["message"]["content"]
+            async with http.get(urls[0] + "/conversations/m/state") as r:
+                assert r.status == 200
+                data = await r.read()
+            async with http.put(urls[1] + "/conversations/m/state", data=data) as r:
+                assert r.status == 409 and "fingerprint" in (await r.json())["error"]["message"]
+            async with http.put(urls[2] + "/conversations/m/state", data=b"not a file") as r:
+                assert r.status == 400
+            async with http.put(urls[2] + "/conversations/m/state", data=data) as r:
+                assert r.status == 200 and (await r.json())["tokens_host"] > 0
+            body["messages"] = [*body["messages"], {"role": "assistant", "content": reply},
+                                {"role": "user", "content": "more"}]  # fmt: skip
+            async with http.post(urls[2] + "/chat/completions", json=body,
+                                 headers={"X-Session-ID": "m"}) as r:  # fmt: skip
+                usage = (await r.json())["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+            async with http.get(urls[2] + "/conversations/nope/state") as r:
+                assert r.status == 404
+    finally:
+        for (runner, _), engine in zip(servers, engines, strict=True):
+            await runner.cleanup()
+            await engine.stop()

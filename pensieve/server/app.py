@@ -25,6 +25,7 @@ from aiohttp import web
 from pensieve.errors import EngineError, PensieveError
 from pensieve.server.chat import chat_completions
 from pensieve.server.completions import completions
+from pensieve.server.conversation_state import add_state_routes
 from pensieve.server.cors import add_cors_headers, cors_middleware
 from pensieve.server.openai_schema import DeletedConversation, ListResponse, ModelCard
 from pensieve.server.openapi import openapi
@@ -219,6 +220,7 @@ def create_app(
     app.router.add_get("/v1/conversations", list_conversations)
     app.router.add_get("/v1/conversations/{cid}", get_conversation)
     app.router.add_delete("/v1/conversations/{cid}", delete_conversation)
+    add_state_routes(app)
     return app
 
 

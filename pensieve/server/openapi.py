@@ -96,6 +96,7 @@ def _op(
     body: type | None = None,
     params: list[dict[str, Any]] | None = None,
     open_route: bool = False,
+    raw_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     responses = {"200": ok}
     for status in errors:
@@ -105,6 +106,8 @@ def _op(
     if body is not None:
         content = {"application/json": {"schema": _ref(body)}}
         op["requestBody"] = {"required": True, "content": content}
+    if raw_body is not None:
+        op["requestBody"] = raw_body
     if params:
         op["parameters"] = params
     if open_route and keys:
@@ -142,6 +145,10 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
     health["responses"]["503"] = _json(_ref(Health), "Loading the model, or shutting down")
     model = _path_param("model", "the served model's name or one of its aliases")
     cid = _path_param("cid", "a conversation id of the caller's tenant")
+    state_file = {"description": "safetensors file", "headers": _ID_HEADER,
+                  "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                      "format": "binary"}}}}
+    state_body = {"required": True, "content": state_file["content"]}  # fmt: skip
     paths = {
         "/health": {"get": health},
         "/metrics": {"get": _op("Prometheus metrics", text, (), keys, open_route=not metrics_auth)},
@@ -170,6 +177,13 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
                        (401, 404, 503), keys, params=[cid]),
             "delete": _op("Forget a conversation", _json(_ref(DeletedConversation), "Deleted"),
                           (401, 404, 503), keys, params=[cid]),
+        },  # fmt: skip
+        "/v1/conversations/{cid}/state": {
+            "get": _op("Export a conversation (token ids, metadata, KV chunks)", state_file,
+                       (401, 404, 503), keys, params=[cid]),
+            "put": _op("Import an exported conversation under this id",
+                       _json(_ref(ConversationInfo), "Imported"), (400, 401, 409, 413, 503), keys,
+                       params=[cid], raw_body=state_body),
         },  # fmt: skip
     }
     doc: dict[str, Any] = {
