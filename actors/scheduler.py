@@ -20,10 +20,10 @@ import secrets
 from collections import deque
 
 from pensieve.actors.base import Actor
+from pensieve.actors.scheduler_disk import DiskTier, public_id, scoped
 from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
-from pensieve.disk_store import ConversationRecord
 from pensieve.errors import OverloadedError, to_info
 from pensieve.messages import (
     Accepted,
@@ -32,15 +32,12 @@ from pensieve.messages import (
     DeleteConversation,
     ExportConversation,
     Forget,
-    ForgetOnDisk,
     GetStats,
     ImportConversation,
     LayerProgress,
     ListConversations,
     LoadDone,
-    LoadOrder,
     PersistDone,
-    PersistOrder,
     Rejected,
     SequenceRows,
     Shutdown,
@@ -63,16 +60,9 @@ class CacheTooSmall(Exception):
     """The request cannot fit the device tier even with everything else evicted."""
 
 
-def scoped(tenant: str, cid: str) -> str:
-    """The cache's key of a tenant's conversation: two tenants may both use `chat-1`."""
-    return f"{tenant}\x00{cid}"
 
 
-def public_id(key: str) -> str:
-    return key.partition("\x00")[2]
-
-
-class Scheduler(Actor):
+class Scheduler(DiskTier, Actor):
     name = "scheduler"
 
     def __init__(
@@ -159,7 +149,9 @@ class Scheduler(Actor):
         elif isinstance(message, PersistDone | LoadDone):
             self.disk_done(message)
         elif isinstance(message, ExportConversation):
-            message.reply.set_result(self._export(scoped(message.tenant, message.conversation_id)))
+            key = scoped(message.tenant, message.conversation_id)
+            exported = self.cache.export(key, self.pools)  # type: ignore[attr-defined]
+            message.reply.set_result(exported)
         elif isinstance(message, ImportConversation):
             message.reply.set_result(self._import(message))
         elif isinstance(message, Shutdown):
@@ -189,33 +181,6 @@ class Scheduler(Actor):
         self.waiting.append(seq)
         self.counters.requests += 1
         self.sessions.send(Accepted(rid, public_id(key)))  # type: ignore[union-attr]
-
-    def _export(self, key: str) -> tuple[ConversationRecord, list] | None:
-        """A conversation's record and the KV chunks it has in memory (disk-only ones: None)."""
-        conv = self.cache.conversations.get(key)
-        if conv is None or self.pools is None:
-            return None
-        record = ConversationRecord(
-            key, list(conv.tokens), conv.last_prompt_len, conv.named, conv.tenant, conv.turns, []
-        )
-        chunks = self.cache.chunk_tensors(key, self.pools)  # type: ignore[attr-defined]
-        return record, chunks[: -(-len(conv.tokens) // self.cache.block_size)]
-
-    def _import(self, msg: ImportConversation) -> str | None:
-        """Make an exported conversation this server's; an error text if it cannot be now."""
-        key = scoped(msg.tenant, msg.conversation_id)
-        if self.pools is None or self.cache.host is None:
-            return "importing needs a host tier (stateful mode)"
-        if self.cache.owner(key) is not None:
-            return f"conversation {msg.conversation_id!r} is in use"
-        if key in self.cache.conversations:
-            self.cache.delete(key)
-        record = msg.record
-        record.key, record.tenant = key, msg.tenant
-        self.cache.import_chunks(record, msg.chunks, self.pools)  # type: ignore[attr-defined]
-        if self.disk is not None:
-            self._commit(key)
-        return None
 
     def _list(self, tenant: str, cid: str | None) -> list[ConversationInfo]:
         known = self.cache.conversations
@@ -477,50 +442,3 @@ class Scheduler(Actor):
         self.sessions.send(  # type: ignore[union-attr]
             TokenEvent(seq.request_id, finish_reason=reason, usage=usage, error=error)
         )
-
-    # ---- the disk tier -------------------------------------------------------------------
-
-    def _commit(self, cid: str) -> None:
-        """After a turn: write the conversation's new full chunks and commit its record."""
-        self._forget_on_disk()
-        if cid not in self.cache.conversations:
-            return
-        record, writes, stale = self.cache.plan_persist(cid)  # type: ignore[attr-defined]
-        self._ask_disk(PersistOrder, record=record, writes=writes, stale=stale)
-
-    def _reading(self, cid: str) -> bool:
-        """True while the conversation's disk chunks are being read back (starting it here)."""
-        conv = self.cache.conversations.get(cid)
-        if self.disk is None or conv is None:
-            return False
-        if not conv.loading and not conv.running and self.cache.needs_load(cid):  # type: ignore[attr-defined]
-            loads = self.cache.plan_load(cid)  # type: ignore[attr-defined]
-            if loads:
-                self._ask_disk(LoadOrder, key=cid, loads=loads)
-        return conv.loading
-
-    def _ask_disk(self, make: type, **fields: object) -> None:
-        """Send an order to the disk actor; its answer comes back through the mailbox."""
-        reply = asyncio.get_running_loop().create_future()
-        self.disk_pending += 1
-        reply.add_done_callback(lambda done: self.send(done.result()))
-        self.disk.send(make(reply=reply, **fields))  # type: ignore[union-attr]
-
-    def disk_done(self, done: PersistDone | LoadDone) -> None:
-        """Apply a commit's or a load's outcome to the cache."""
-        self.disk_pending -= 1
-        if isinstance(done, LoadDone):
-            self.cache.load_done(done.key, done.loads, done.failed)  # type: ignore[attr-defined]
-            self.counters.disk_reads += len(done.loads) - len(done.failed)
-            return
-        self.cache.persist_done(done.refs, done.writes, done.error is None)  # type: ignore[attr-defined]
-        self.counters.disk_writes += len(done.refs)
-        self.counters.commit_lag_seconds = done.seconds
-        self._forget_on_disk()
-
-    def _forget_on_disk(self) -> None:
-        if self.disk is None:
-            self.cache.forgotten.clear()
-        for key, uids in self.cache.forgotten:
-            self.disk.send(ForgetOnDisk(key, uids))  # type: ignore[union-attr]
-        self.cache.forgotten.clear()

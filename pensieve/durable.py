@@ -223,15 +223,21 @@ class DurableCache(TieredCache):
         conv.dropped, conv.loading = lowest, False
         self._reindex(conv)
 
-    def chunk_tensors(self, cid: str, pools: dict) -> list[KV | None]:
-        """A copy of each chunk's KV that is in memory (None where it is on disk or dropped)."""
-        conv = self.conversations[cid]
+    def export(self, cid: str, pools: dict | None) -> tuple[ConversationRecord, list] | None:
+        """A conversation's record and a copy of each chunk's KV that is in memory (None where
+        it is only on disk or dropped: the importer recomputes those)."""
+        conv = self.conversations.get(cid)
+        if conv is None or pools is None:
+            return None
+        record = ConversationRecord(
+            cid, list(conv.tokens), conv.last_prompt_len, conv.named, conv.tenant, conv.turns, []
+        )
         out: list[KV | None] = []
-        for ch in conv.chunks:
+        for ch in conv.chunks[: _ceil_div(len(conv.tokens), self.block_size)]:
             tier, block = ("host", ch.host) if ch.host is not None else ("device", ch.device)
             if block is None or ch.restoring:
                 out.append(None)
                 continue
             pool = pools[tier]
             out.append((pool.keys[:, block].cpu().clone(), pool.values[:, block].cpu().clone()))
-        return out
+        return record, out
