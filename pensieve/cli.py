@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "serve": ("pensieve.server.serve_cli", "run the OpenAI-compatible streaming server"),
     "chat": ("pensieve.chat_cli", "chat in the terminal with a cached conversation"),
     "bench": ("pensieve.bench.sweep", "replay conversation traces and compare systems"),
+    "cluster": ("pensieve.cluster", "run N serve workers behind sglang-router or vllm-router"),
 }
 
 
@@ -88,7 +89,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, runners = build_parser()
-    args = parse_args(parser, argv, command=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cluster"]:  # the flags cluster does not know are its workers' serve flags
+        args, args.passthrough_args = parser.parse_known_args(argv)
+    else:
+        args = parse_args(parser, argv, command=True)
     try:
         result = runners[args.command](args)
         if asyncio.iscoroutine(result):

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from pensieve.errors import EngineError, PensieveError
 from pensieve.server.chat import chat_completions
+from pensieve.server.compat import add_router_compat
 from pensieve.server.completions import completions
 from pensieve.server.conversation_state import add_state_routes
 from pensieve.server.cors import add_cors_headers, cors_middleware
@@ -221,6 +222,7 @@ def create_app(
     app.router.add_get("/v1/conversations/{cid}", get_conversation)
     app.router.add_delete("/v1/conversations/{cid}", delete_conversation)
     add_state_routes(app)
+    add_router_compat(app)
     return app
 
 
