@@ -11,6 +11,7 @@ runs `pensieve cluster` itself: real `pensieve serve` processes and sglang-route
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -181,18 +182,36 @@ async def two_workers(tiny: LoadedModel) -> AsyncIterator[list[str]]:
             await engine.stop()
 
 
-async def wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, "the router exited"
+@contextlib.asynccontextmanager
+async def router_process(
+    router: str, policy: str, worker_urls: list[str], log_path: Path
+) -> AsyncIterator[str]:
+    """A router in front of worker_urls; yields its URL once it counts them all healthy."""
+    port = free_port()
+    command = router_command(router, worker_urls, "127.0.0.1", port, policy, free_port(), [])
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            async with http.get(url + "/readiness") as resp:
-                if resp.status == 200 and (await resp.json())["healthy_workers"] == 2:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, "the router never saw both workers healthy"
-        await asyncio.sleep(0.2)
+            deadline = time.monotonic() + 60
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    assert proc.poll() is None, log_path.read_text()
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(url + "/readiness") as resp:
+                            ready = resp.status == 200 and await resp.json(content_type=None)
+                            if ready and ready["healthy_workers"] == len(worker_urls):
+                                break
+                    assert time.monotonic() < deadline, "the router never saw the workers healthy"
+                    await asyncio.sleep(0.2)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # Which conversations each policy keeps on one replica: cache_aware routes on the history's
@@ -210,23 +229,45 @@ ROUTED = [
 async def test_conversations_stay_on_their_replica_behind_router(
     two_workers: list[str], router: str, policy: str, affine: tuple[str, ...], tmp_path: Path
 ) -> None:
-    port = free_port()
-    command = router_command(router, two_workers, "127.0.0.1", port, policy, free_port(), [])
-    log = (tmp_path / "router.log").open("wb")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    async with router_process(router, policy, two_workers, tmp_path / "router.log") as url:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            await wait_ready(http, url, proc)
             await replay_two_conversations(http, url, two_workers, "tiny-random", policy, affine)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+
+@pytest.mark.slow
+@needs("vllm")
+async def test_handover_of_a_drained_worker(two_workers: list[str], tmp_path: Path) -> None:
+    """docs/scale-out.md's handover: take worker A out of the router, move each of its
+    conversations to B (GET .../state on A, PUT on B); their next turns, through the router,
+    find their history cached on B and produce the tokens A would have produced."""
+    a, b = two_workers
+    sessions = {"named": {"X-Session-ID": "moved"}, "anonymous": {}}
+    async with router_process("vllm", "consistent_hash", two_workers, tmp_path / "r.log") as url:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            histories, first = {}, {}
+            for name, headers in sessions.items():  # both start on A
+                histories[name] = [{"role": "user", "content": f"handover {name}: hello?"}]
+                first[name] = await chat_turn(http, a, histories[name], headers, "tiny-random")
+                histories[name].append({"role": "assistant", "content": first[name].text})
+                histories[name].append({"role": "user", "content": "and then?"})
+            async with http.post(url + "/remove_worker", params={"url": a}) as resp:
+                assert resp.status == 200, await resp.text()
+            async with http.get(a + "/v1/conversations") as resp:
+                moving = [c["id"] for c in (await resp.json())["data"]]
+            assert sorted(moving) == sorted(t.conversation_id for t in first.values())
+            for cid in moving:
+                async with http.get(f"{a}/v1/conversations/{cid}/state") as resp:
+                    assert resp.status == 200
+                    state = await resp.read()
+                async with http.put(f"{b}/v1/conversations/{cid}/state", data=state) as resp:
+                    assert resp.status == 200, await resp.text()
+            for name, headers in sessions.items():
+                moved = await chat_turn(http, url, histories[name], headers, "tiny-random")
+                assert moved.conversation_id == first[name].conversation_id
+                assert moved.cached_tokens >= first[name].prompt_tokens, name
+                stayed = await chat_turn(http, a, histories[name], headers, "tiny-random")
+                assert (moved.text, moved.prompt_tokens) == (stayed.text, stayed.prompt_tokens)
+                assert moved.cached_tokens == stayed.cached_tokens, name
 
 
 # ---- `pensieve cluster`: serve processes and the router -------------------------------------
