@@ -82,7 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-model", default=None, help="model name to send (default: its first)")
     g.add_argument("--peer-api-key", default=None)
     g.add_argument(
-        "--no-session-header", action="store_true", help="do not send X-Session-ID to the peer"
+        "--peer-session-header",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="header that names the conversation to the peer; repeatable (default: "
+        "X-Session-ID; X-SMG-Routing-Key for sglang-router's manual policy)",
+    )
+    g.add_argument(
+        "--no-session-header",
+        action="store_true",
+        help="name no conversation to the peer: it sees a client that only resends history",
     )
     g.add_argument(
         "--reuse-engine",
@@ -167,6 +177,12 @@ def load_conversations(args: argparse.Namespace) -> list[Conversation]:
     )
 
 
+def session_headers(args: argparse.Namespace) -> list[str]:
+    if args.no_session_header:
+        return []
+    return args.peer_session_header or ["X-Session-ID"]
+
+
 def target_factory(args: argparse.Namespace) -> TargetFactory:
     """Engines in each mode and the peer.
 
@@ -184,7 +200,7 @@ def target_factory(args: argparse.Namespace) -> TargetFactory:
                 args.peer_url,
                 args.peer_model,
                 args.peer_api_key,
-                session_header=not args.no_session_header,
+                session_headers=session_headers(args),
             )
             async with peer:
                 yield peer

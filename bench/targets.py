@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -190,7 +191,10 @@ class OpenAITarget:
     """An OpenAI-compatible server (pensieve, vLLM, llama.cpp), streamed over SSE with aiohttp.
 
     Asks for the replayed length past EOS the way vLLM's benchmark does (`ignore_eos` and
-    `min_tokens`); servers that do not know these fields ignore them. Use as an async context.
+    `min_tokens`); servers that do not know these fields ignore them. Each turn names its
+    conversation in every header of `session_headers` (X-Session-ID for Pensieve and
+    vllm-router's consistent_hash, X-SMG-Routing-Key for sglang-router's manual policy; none
+    for a client that only resends its history). Use as an async context.
     """
 
     def __init__(
@@ -198,14 +202,14 @@ class OpenAITarget:
         base_url: str,
         model: str | None = None,
         api_key: str | None = None,
-        session_header: bool = True,
+        session_headers: Sequence[str] = ("X-Session-ID",),
         request_timeout_s: float = 600.0,
     ):
         base = base_url.rstrip("/")
         self.api_base = base if base.endswith("/v1") else base + "/v1"
         self.root = self.api_base[: -len("/v1")]
         self.model = model
-        self.session_header = session_header
+        self.session_headers = tuple(session_headers)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -254,7 +258,7 @@ class OpenAITarget:
         self, messages: list[Message], max_tokens: int, conversation_id: str
     ) -> TurnResult:
         state = SSEState()
-        headers = {"X-Session-ID": conversation_id} if self.session_header else {}
+        headers = {name: conversation_id for name in self.session_headers}
         url = self.api_base + "/chat/completions"
         try:
             body = self.request_body(messages, max_tokens)

@@ -92,7 +92,11 @@ async def test_openai_target_against_a_local_server(aiohttp_server_factory):
 
     async def completions(request):
         body = await request.json()
-        seen.update(body=body, session=request.headers.get("X-Session-ID"))
+        seen.update(
+            body=body,
+            session=request.headers.get("X-Session-ID"),
+            routing_key=request.headers.get("X-SMG-Routing-Key"),
+        )
         if body["messages"][-1]["content"] == "fail":
             return web.json_response({"error": {"message": "bad"}}, status=400)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -126,6 +130,12 @@ async def test_openai_target_against_a_local_server(aiohttp_server_factory):
         failed = await target.chat([{"role": "user", "content": "fail"}], 6, "conv-1")
         assert failed.error.startswith("HTTP 400") and failed.text == ""
         assert await target.metrics() == {"pensieve_swap_in_blocks_total": 3.0}
+    async with OpenAITarget(url, session_headers=["X-SMG-Routing-Key"]) as keyed:
+        await keyed.chat([{"role": "user", "content": "x"}], 6, "conv-2")
+        assert (seen["session"], seen["routing_key"]) == (None, "conv-2")
+    async with OpenAITarget(url, session_headers=()) as anonymous:  # history only
+        await anonymous.chat([{"role": "user", "content": "x"}], 6, "conv-3")
+        assert (seen["session"], seen["routing_key"]) == (None, None)
     async with OpenAITarget("http://127.0.0.1:9/v1", model="m") as dead:
         result = await dead.chat([{"role": "user", "content": "x"}], 6, "c")
         assert result.error and result.text == ""

@@ -315,3 +315,18 @@ def test_pensieve_cluster_command_serves_and_stops(default_model_dir: Path, tmp_
             proc.kill()
             proc.wait()
         out.close()
+
+
+def test_bench_cluster_commands_and_table() -> None:
+    from pensieve.bench.bench_cluster import POINTS, bench_command, table
+
+    keyed = bench_command("http://r", POINTS["2x sglang manual (routing key)"], 2, Path("o"), [])
+    assert keyed[keyed.index("--peer-session-header") + 1] == "X-SMG-Routing-Key"
+    assert keyed[keyed.index("--seed") + 1] == "2" and "--no-session-header" not in keyed
+    history = bench_command("http://r", POINTS["2x vllm round_robin"], 0, Path("o"), ["--x"])
+    assert "--no-session-header" in history and history[-1] == "--x"
+    runs = [
+        {"cached_share": s, "ttft_later_p50": 0.5, "output_tokens_per_s": 10.0, "failures": 0}
+        for s in (0.5, 0.7)
+    ]
+    assert "| p | 2 | 0 | 0.600 (0.500-0.700) | 0.500 (0.500-0.500) |" in table({"p": runs})

@@ -1,0 +1,147 @@
+"""Affinity through a router: `pensieve bench --peer-url ROUTER` against fresh local clusters.
+
+    python -m pensieve.bench.bench_cluster --repeats 3 --out bench/results/cluster \\
+        [--points NAME,...] [-- pensieve bench flags]
+
+Every (point, repeat) starts its own `pensieve cluster` (so no run inherits another's cache),
+replays the same ShareGPT sample through the router with `pensieve bench --systems ''
+--peer-url`, and stops the cluster. Repeat r uses trace and arrival seed r for every point, so
+the points are compared on the same workloads; the table gives the mean and the min-max over
+the repeats. The figure that matters is the cached share (cached / prompt tokens over all
+turns): one replica is the ceiling, round robin the contrast. Throughput is printed too, but
+on a machine where the replicas share the same cores it is not a scaling figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pensieve.cluster import Cluster, ClusterConfig
+
+
+@dataclass(frozen=True)
+class Point:
+    """One cluster shape and how the client names its conversations."""
+
+    name: str
+    replicas: int
+    router: str
+    policy: str
+    headers: tuple[str, ...]  # session headers the client sends; () = history only
+
+
+POINTS = {
+    p.name: p
+    for p in [
+        Point("1x sglang", 1, "sglang", "cache_aware", ()),
+        Point("2x sglang cache_aware (history)", 2, "sglang", "cache_aware", ()),
+        Point("2x sglang manual (routing key)", 2, "sglang", "manual", ("X-SMG-Routing-Key",)),
+        Point("2x sglang round_robin", 2, "sglang", "round_robin", ()),
+        Point("1x vllm", 1, "vllm", "cache_aware", ()),
+        Point("2x vllm consistent_hash (session)", 2, "vllm", "consistent_hash", ("X-Session-ID",)),
+        Point("2x vllm cache_aware (history)", 2, "vllm", "cache_aware", ()),
+        Point("2x vllm round_robin", 2, "vllm", "round_robin", ()),
+    ]
+}
+# Workers: the bench's cache sizes (the sample fits in device + host, so misses are routing's)
+# and no start-up profiling.
+SERVE_ARGS = ["--device-cache-tokens", "8192", "--host-cache-tokens", "32768", "--no-profile-cost"]
+# The replay: small enough for a 2-core CPU (about a minute a run), long enough for 3-4 turns.
+BENCH_ARGS = [
+    "--conversations", "8", "--min-turns", "3", "--max-turns", "4", "--rates", "0.25",
+    "--max-reply-tokens", "32", "--think-time-mean", "1", "--context-cap", "768",
+    "--budget", "0", "--no-progress",
+]  # fmt: skip
+
+
+def bench_command(url: str, point: Point, seed: int, out: Path, extra: list[str]) -> list[str]:
+    headers = [a for h in point.headers for a in ("--peer-session-header", h)]
+    return [
+        sys.executable, "-m", "pensieve.cli", "bench", "--systems", "",
+        "--peer-url", url, "--peer-name", point.name, "--seed", str(seed), "--out", str(out),
+        *(headers or ["--no-session-header"]), *BENCH_ARGS, *extra,
+    ]  # fmt: skip
+
+
+async def run_point(point: Point, seed: int, out: Path, extra: list[str]) -> dict:
+    """One fresh cluster, one replay through its router; the replay's summary."""
+    config = ClusterConfig(
+        replicas=point.replicas,
+        router=point.router,
+        policy=point.policy,
+        serve_args=SERVE_ARGS,
+        log_dir=out / "logs",
+    )
+    async with Cluster(config) as cluster:
+        command = bench_command(cluster.url, point, seed, out, extra)
+        proc = await asyncio.create_subprocess_exec(*command)
+        if await proc.wait() != 0:
+            raise RuntimeError(f"pensieve bench failed for {point.name} seed {seed}")
+    (summary,) = json.loads((out / "summary.json").read_text())
+    return summary
+
+
+def spread(values: list[float]) -> str:
+    """mean (min-max) of the repeats."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = [
+        "| point | runs | failed turns | cached share | later-turn TTFT p50 s | output tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        cached = [r["cached_share"] for r in runs if r["cached_share"] is not None]
+        ttft = [r["ttft_later_p50"] for r in runs if r["ttft_later_p50"] is not None]
+        rate = [r["output_tokens_per_s"] for r in runs]
+        failed = sum(r["failures"] for r in runs)
+        lines.append(
+            f"| {name} | {len(runs)} | {failed} | {spread(cached)} | {spread(ttft)} "
+            f"| {spread(rate)} |"
+        )
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace, extra: list[str]) -> int:
+    names = [n.strip() for n in args.points.split(",")] if args.points else list(POINTS)
+    unknown = [n for n in names if n not in POINTS]
+    if unknown:
+        print(f"unknown point {unknown[0]!r}; choose from: {', '.join(POINTS)}", file=sys.stderr)
+        return 2
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in range(args.repeats):  # repeat-major: a slow drift hits every point alike
+        for name in names:
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            out = args.out / f"seed{seed}" / slug
+            results[name].append(await run_point(POINTS[name], seed, out, extra))
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+            print(f"{name}, seed {seed}: cached share {results[name][-1]['cached_share']}")
+    report = table(results)
+    (args.out / "table.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--points", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/cluster"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    return asyncio.run(main_async(args, extra))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
