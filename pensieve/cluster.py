@@ -96,21 +96,18 @@ def model_alias_args(serve_args: list[str]) -> list[str]:
     the model's config here; for the default GGUF model this also converts it once, before the
     workers start, instead of in each of them at the same time.
     """
-    parser = _serve_parser()
-    args, _ = parser.parse_known_args(serve_args)
-    names = getattr(args, "served_model_name", None)
-    if names is None:  # this pensieve serve has no aliases
+    from pensieve.cli_args import engine_config_from_args, parse_args
+
+    args = parse_args(_serve_parser(), serve_args)  # with a --config file's values
+    if SGLANG_UNKNOWN_MODEL in args.served_model_name:
         return []
-    if SGLANG_UNKNOWN_MODEL in names:
-        return []
-    if not names:
-        from pensieve.cli_args import engine_config_from_args
+    names = [SGLANG_UNKNOWN_MODEL]
+    if not args.served_model_name:  # the model's own name first
         from pensieve.weights import load_config, resolve_model
 
         config = engine_config_from_args(args)
-        names = [load_config(resolve_model(config.model, cache_dir=config.cache_dir)).name]
-        return ["--served-model-name", names[0], "--served-model-name", SGLANG_UNKNOWN_MODEL]
-    return ["--served-model-name", SGLANG_UNKNOWN_MODEL]
+        names.insert(0, load_config(resolve_model(config.model, cache_dir=config.cache_dir)).name)
+    return [a for name in names for a in ("--served-model-name", name)]
 
 
 def worker_command(port: int, serve_args: list[str]) -> list[str]:

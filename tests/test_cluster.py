@@ -330,3 +330,16 @@ def test_bench_cluster_commands_and_table() -> None:
         for s in (0.5, 0.7)
     ]
     assert "| p | 2 | 0 | 0.600 (0.500-0.700) | 0.500 (0.500-0.500) |" in table({"p": runs})
+
+
+def test_sglang_workers_also_answer_to_its_unknown_model(default_model_dir: Path) -> None:
+    """sglang-router forwards a request without `model` as model "unknown"."""
+    from pensieve.cluster import model_alias_args
+    from pensieve.weights import load_config
+
+    own = load_config(default_model_dir).name
+    assert model_alias_args(["--model", str(default_model_dir), "--no-profile-cost"]) == [
+        "--served-model-name", own, "--served-model-name", "unknown",
+    ]  # fmt: skip
+    assert model_alias_args(["--served-model-name", "chat"]) == ["--served-model-name", "unknown"]
+    assert model_alias_args(["--served-model-name", "unknown"]) == []
