@@ -42,6 +42,16 @@ class BlockAllocator:
         self._free.append(block)
 
 
+def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed page-locked host memory: exactly its size through cuda-python where it runs
+    (torch's pinned allocator rounds up to a power of two), else torch's."""
+    from pensieve import cudart
+
+    if cudart.available():
+        return cudart.pinned_zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+
 @dataclass
 class KVPool:
     """K and V of every layer of one tier: [layers, blocks, block_size, kv_heads, head_dim]."""
@@ -61,9 +71,12 @@ class KVPool:
         device: torch.device,
         pin_memory: bool = False,
     ) -> KVPool:
+        """`pin_memory` (the host tier of a GPU host) page-locks the pool so that the swapper's
+        copies run asynchronously at full bandwidth; ignored where there is no GPU."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
-        make = lambda: torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)  # noqa: E731
+        if pin_memory and device.type == "cpu" and torch.cuda.is_available():
+            return cls(pinned(shape, dtype), pinned(shape, dtype))
+        make = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return cls(make(), make())
 
     @property

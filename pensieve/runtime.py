@@ -10,6 +10,7 @@ import torch
 
 from pensieve.attention import ContiguousKV
 from pensieve.config import EngineConfig
+from pensieve.cuda_setup import ensure_cuda_kernels
 from pensieve.model import LlamaForCausalLM, build_model, pick_device, pick_dtype
 from pensieve.policy import CostModel
 from pensieve.tokenizer import ChatTokenizer
@@ -33,10 +34,15 @@ class LoadedModel:
 
 
 def load_pretrained(config: EngineConfig) -> LoadedModel:
-    """Resolve, load and validate the model and tokenizer named by `config.model`."""
+    """Resolve, load and validate the model and tokenizer named by `config.model`.
+
+    On a CUDA device it first checks that the attention kernels can be compiled there
+    (ModelLoadError naming the CUDA extra to install otherwise)."""
     started = time.perf_counter()
-    folder = resolve_model(config.model, cache_dir=config.cache_dir)
     device = pick_device(config.device)
+    if device.type == "cuda":  # fail in one clear line before loading anything
+        ensure_cuda_kernels(device)
+    folder = resolve_model(config.model, cache_dir=config.cache_dir)
     dtype = pick_dtype(config.dtype, device)
     model_config = load_config(folder)
     state = load_state_dict(folder, model_config, dtype, device)
