@@ -7,8 +7,10 @@ Every (point, repeat) starts its own `pensieve cluster` (so no run inherits anot
 replays the same ShareGPT sample through the router with `pensieve bench --systems ''
 --peer-url`, and stops the cluster. Repeat r uses trace and arrival seed r for every point, so
 the points are compared on the same workloads; the table gives the mean and the min-max over
-the repeats. The figure that matters is the cached share (cached / prompt tokens over all
-turns): one replica is the ceiling, round robin the contrast. Throughput is printed too, but
+the repeats. The figures that matter: affinity hits (the share of later turns that found at
+least their previous prompt cached, i.e. reached the replica holding their conversation) and
+the cached share (cached / prompt tokens over all turns); one replica is the ceiling, round
+robin the contrast. Throughput is printed too, but
 on a machine where the replicas share the same cores it is not a scaling figure.
 """
 
@@ -60,11 +62,17 @@ BENCH_ARGS = [
 ]  # fmt: skip
 
 
+def slug(name: str) -> str:
+    """name as a folder name and a conversation id prefix (ids allow letters, digits, . _ : -)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 def bench_command(url: str, point: Point, seed: int, out: Path, extra: list[str]) -> list[str]:
     headers = [a for h in point.headers for a in ("--peer-session-header", h)]
     return [
         sys.executable, "-m", "pensieve.cli", "bench", "--systems", "",
-        "--peer-url", url, "--peer-name", point.name, "--seed", str(seed), "--out", str(out),
+        "--peer-url", url, "--peer-name", slug(point.name), "--seed", str(seed),
+        "--out", str(out),
         *(headers or ["--no-session-header"]), *BENCH_ARGS, *extra,
     ]  # fmt: skip
 
@@ -83,8 +91,31 @@ async def run_point(point: Point, seed: int, out: Path, extra: list[str]) -> dic
         proc = await asyncio.create_subprocess_exec(*command)
         if await proc.wait() != 0:
             raise RuntimeError(f"pensieve bench failed for {point.name} seed {seed}")
+    return read_run(out)
+
+
+def read_run(out: Path) -> dict:
+    """A finished replay's summary, with its affinity hit rate added."""
     (summary,) = json.loads((out / "summary.json").read_text())
+    summary["affinity_hits"] = affinity_hits(json.loads((out / "turns.json").read_text()))
     return summary
+
+
+def affinity_hits(turns: list[dict]) -> float | None:
+    """Share of later turns that found at least their previous prompt cached: the turns the
+    router sent to the replica holding their conversation."""
+    by_conversation: dict[str, dict[int, dict]] = {}
+    for turn in turns:
+        by_conversation.setdefault(turn["conversation_id"], {})[turn["turn_index"]] = turn
+    hits = later = 0
+    for conversation in by_conversation.values():
+        for index, turn in conversation.items():
+            before = conversation.get(index - 1)
+            if index == 0 or before is None or turn["error"] or before["error"]:
+                continue
+            later += 1
+            hits += (turn["cached_tokens"] or 0) >= (before["prompt_tokens"] or 1)
+    return hits / later if later else None
 
 
 def spread(values: list[float]) -> str:
@@ -97,17 +128,19 @@ def spread(values: list[float]) -> str:
 
 def table(results: dict[str, list[dict]]) -> str:
     lines = [
-        "| point | runs | failed turns | cached share | later-turn TTFT p50 s | output tok/s |",
-        "|---|---|---|---|---|---|",
+        "| point | runs | failed turns | affinity hits | cached share | later-turn TTFT p50 s "
+        "| output tok/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
+        hits = [r["affinity_hits"] for r in runs if r.get("affinity_hits") is not None]
         cached = [r["cached_share"] for r in runs if r["cached_share"] is not None]
         ttft = [r["ttft_later_p50"] for r in runs if r["ttft_later_p50"] is not None]
         rate = [r["output_tokens_per_s"] for r in runs]
         failed = sum(r["failures"] for r in runs)
         lines.append(
-            f"| {name} | {len(runs)} | {failed} | {spread(cached)} | {spread(ttft)} "
-            f"| {spread(rate)} |"
+            f"| {name} | {len(runs)} | {failed} | {spread(hits)} | {spread(cached)} "
+            f"| {spread(ttft)} | {spread(rate)} |"
         )
     return "\n".join(lines)
 
@@ -121,11 +154,18 @@ async def main_async(args: argparse.Namespace, extra: list[str]) -> int:
     results: dict[str, list[dict]] = {name: [] for name in names}
     for seed in range(args.repeats):  # repeat-major: a slow drift hits every point alike
         for name in names:
-            slug = "".join(c if c.isalnum() else "_" for c in name)
-            out = args.out / f"seed{seed}" / slug
+            out = args.out / f"seed{seed}" / slug(name)
+            if args.report_only:
+                if (out / "summary.json").exists():
+                    results[name].append(read_run(out))
+                continue
             results[name].append(await run_point(POINTS[name], seed, out, extra))
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
-            print(f"{name}, seed {seed}: cached share {results[name][-1]['cached_share']}")
+            run = results[name][-1]
+            print(
+                f"{name}, seed {seed}: affinity hits {run['affinity_hits']}, "
+                f"cached share {run['cached_share']}"
+            )
     report = table(results)
     (args.out / "table.md").write_text(report + "\n")
     print(report)
@@ -137,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--points", default="", help="comma-separated names (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the table from --out, run nothing"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)

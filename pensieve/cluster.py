@@ -352,7 +352,8 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"starting {args.replicas} workers and {args.router}-router; logs in {cluster.log_dir}")
+    workers = f"{args.replicas} worker{'s' if args.replicas != 1 else ''}"
+    print(f"starting {workers} and {args.router}-router; logs in {cluster.log_dir}")
     try:
         if not await _first(asyncio.ensure_future(cluster.start()), stop):
             return 0

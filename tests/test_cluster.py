@@ -318,9 +318,10 @@ def test_pensieve_cluster_command_serves_and_stops(default_model_dir: Path, tmp_
 
 
 def test_bench_cluster_commands_and_table() -> None:
-    from pensieve.bench.bench_cluster import POINTS, bench_command, table
+    from pensieve.bench.bench_cluster import POINTS, affinity_hits, bench_command, slug, table
 
     keyed = bench_command("http://r", POINTS["2x sglang manual (routing key)"], 2, Path("o"), [])
+    assert keyed[keyed.index("--peer-name") + 1] == "2x_sglang_manual__routing_key_"
     assert keyed[keyed.index("--peer-session-header") + 1] == "X-SMG-Routing-Key"
     assert keyed[keyed.index("--seed") + 1] == "2" and "--no-session-header" not in keyed
     history = bench_command("http://r", POINTS["2x vllm round_robin"], 0, Path("o"), ["--x"])
@@ -329,7 +330,15 @@ def test_bench_cluster_commands_and_table() -> None:
         {"cached_share": s, "ttft_later_p50": 0.5, "output_tokens_per_s": 10.0, "failures": 0}
         for s in (0.5, 0.7)
     ]
-    assert "| p | 2 | 0 | 0.600 (0.500-0.700) | 0.500 (0.500-0.500) |" in table({"p": runs})
+    for run in runs:
+        run["affinity_hits"] = 1.0
+    assert "| p | 2 | 0 | 1.000 (1.000-1.000) | 0.600 (0.500-0.700) |" in table({"p": runs})
+    turns = [
+        dict(conversation_id=c, turn_index=i, error=None, prompt_tokens=p, cached_tokens=k)
+        for c, i, p, k in [("a", 0, 10, 0), ("a", 1, 30, 12), ("b", 0, 10, 0), ("b", 1, 30, 4)]
+    ]
+    assert affinity_hits(turns) == 0.5  # a's second turn found its first prompt, b's did not
+    assert slug("2x vllm (session)") == "2x_vllm__session_"
 
 
 def test_sglang_workers_also_answer_to_its_unknown_model(default_model_dir: Path) -> None:
