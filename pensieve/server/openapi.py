@@ -135,6 +135,21 @@ def _generation(summary: str, request: type, whole: type, chunk: type, keys: boo
     return {"post": _op(summary, ok, errors, keys, body=request, params=params)}
 
 
+def _router_probes(keys: bool) -> dict[str, Any]:
+    """The SGLang-style metadata and load routes request routers read (compat.py)."""
+    obj = {"type": "object"}
+    load = {"type": "array", "items": {"type": "object", "required": ["num_tokens"],
+            "properties": {"num_tokens": {"type": "integer"}, "num_reqs": {"type": "integer"}}}}
+    info = _op("Server description for sglang-router", _json(obj, "Server info"), (401, 503), keys)
+    model = _op("Model description for sglang-router", _json(obj, "Model info"), (401, 503), keys)
+    return {
+        "/server_info": {"get": info}, "/get_server_info": {"get": info},
+        "/model_info": {"get": model}, "/get_model_info": {"get": model},
+        "/get_load": {"get": _op("Load per rank (routers' power_of_two policy)",
+                                 _json(load, "Load"), (401, 503), keys)},
+    }  # fmt: skip
+
+
 @functools.lru_cache(maxsize=4)
 def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
     """The document for a server with (or without) keys, encoded once."""
@@ -185,6 +200,7 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
                        _json(_ref(ConversationInfo), "Imported"), (400, 401, 409, 413, 503), keys,
                        params=[cid], raw_body=state_body),
         },  # fmt: skip
+        **_router_probes(keys),
     }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
