@@ -155,11 +155,16 @@ async def main_async(args: argparse.Namespace, extra: list[str]) -> int:
     for seed in range(args.repeats):  # repeat-major: a slow drift hits every point alike
         for name in names:
             out = args.out / f"seed{seed}" / slug(name)
-            if args.report_only:
-                if (out / "summary.json").exists():
-                    results[name].append(read_run(out))
+            if (args.report_only or args.resume) and (out / "summary.json").exists():
+                results[name].append(read_run(out))
                 continue
-            results[name].append(await run_point(POINTS[name], seed, out, extra))
+            if args.report_only:
+                continue
+            try:
+                results[name].append(await run_point(POINTS[name], seed, out, extra))
+            except Exception as exc:  # one failed point must not cost the others
+                print(f"{name}, seed {seed}: {exc}", file=sys.stderr)
+                continue
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
             run = results[name][-1]
             print(
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="rebuild the table from --out, run nothing"
     )
+    parser.add_argument("--resume", action="store_true", help="keep the runs --out already has")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
