@@ -48,7 +48,8 @@ async def ttft(engine: Engine, messages: list[dict[str, str]], cid: str) -> tupl
 
 
 async def one_run(loaded: LoadedModel, cfg: dict, length: int) -> dict[str, float]:
-    messages = history_of(loaded, length)
+    # the next turn (reply + question + answer) must still fit the model's window
+    messages = history_of(loaded, min(length, loaded.max_context - 64))
     with tempfile.TemporaryDirectory() as state:
         config = EngineConfig(state_dir=state, **cfg)
         async with Engine(config, loaded=loaded) as first:
@@ -71,6 +72,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, float]]:
     for length in args.lengths:
         runs = [await one_run(loaded, engine_cfg, length) for _ in range(args.repeats)]
         row = {"history_tokens": length, "cached_tokens": runs[-1]["cached_tokens"]}
+        row["history_tokens"] = min(length, loaded.max_context - 64)
         for key in ("disk_s", "scratch_s"):
             values = [r[key] for r in runs]
             row[key] = statistics.median(values)
