@@ -1,8 +1,11 @@
 """Kernels of the paged KV cache: `write_kv` and `paged_attention`, dispatched by device.
 
-CUDA tensors run the Numba CUDA kernels (`cuda_attention`), CPU tensors the Numba CPU kernel
-(`cpu_attention`, which hands sequences with many query rows to gather + torch SDPA in
-`cpu_sdpa`, faster there); `reference` holds the torch oracle, `testing` builds test inputs.
+CUDA tensors run the Numba CUDA kernels (`cuda_attention`: host side and per-step state;
+`cuda_plan`: work lists and split-KV choice; `cuda_decode`, `cuda_prefill`, `cuda_write`: the
+kernels; `cuda_prims`: device primitives with simulator twins; `inspect`: ptxas report), CPU
+tensors the Numba CPU kernel (`cpu_attention`, which hands sequences with many query rows to
+gather + torch SDPA in `cpu_sdpa`, faster there); `reference` holds the torch oracle,
+`testing` builds test inputs.
 The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
 (and a test process may still switch on the CUDA simulator before it does).
 """

@@ -1,286 +1,309 @@
-"""Numba CUDA kernels of the paged KV cache: write_kv and paged multi-input attention.
+"""Host side of the Numba CUDA kernels: specialisation, conversion, and launches per step.
 
-Attention: one thread block per (query tile of one sequence, KV head, slice of its query-head
-group), so every query head of a GQA group reads each K/V row once from shared memory. A
-thread owns one (query, head) row and one of `lanes` interleaved subsets of the keys; it keeps
-its own online softmax (running max, denominator, float32 accumulator) over KEY_TILE-key tiles
-that the block stages in shared memory, widened to float32. The lanes of a row are merged once
-at the end. So there are two barriers per key tile and none per key, which also keeps the CUDA
-simulator (one Python thread per GPU thread) fast enough for tests.
+Kernels (`cuda_decode`, `cuda_prefill`, `cuda_write`) are generated per (storage format, head
+dim, block size, KV heads, group size, launch shape) with every shape a compile-time constant,
+compiled once with an explicit signature and cached. They see tensors as flat int32 words (so
+bfloat16 and float16 travel as bits and load 16 bytes at a time) plus row strides in words.
 
-bfloat16 travels as int16 bits (numba has no bfloat16 type) and is widened by shifting into the
-high half of a float32. The simulator lacks libdevice bit casts, so those two helpers have
-numpy versions there. Tensors: torch CUDA tensors go in through `__cuda_array_interface__` and
-kernels run on torch's current stream; under NUMBA_ENABLE_CUDASIM=1, CPU tensors go in as numpy
-views.
+`CudaStep` is what an engine step builds once: the work lists of `cuda_plan` copied to the
+device in one buffer, the metadata and pool views converted for Numba, the split-KV scratch
+and the stream; every layer then only converts its own q/k/v/out and launches. Under
+NUMBA_ENABLE_CUDASIM=1 the same code runs the kernels in the simulator on CPU tensors (numpy
+views); on a GPU it runs on torch's current stream.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from numba import config, cuda
+from numba import cuda
 
 from ._args import check_paged_attention, check_write_kv
+from .cuda_decode import decode_source, merge_source
+from .cuda_plan import (
+    AttentionPlan,
+    LaunchConfig,
+    check_head_dim,
+    plan_attention,
+    words_per_row,
+)
+from .cuda_prefill import prefill_source
+from .cuda_prims import LOG2E, SIMULATOR, log2_exact, reset_simulated_warps
+from .cuda_write import write_source
 
-SIMULATOR = bool(config.ENABLE_CUDASIM)
-KEY_TILE = 16  # keys staged in shared memory per barrier pair
-MAX_D = 128  # head dim bound of the static shared/local arrays
-MAX_ROWS = 32  # (query, head) rows per block
-MAX_THREADS = 128  # rows x lanes per block
-_TILE_ELEMS = KEY_TILE * MAX_D  # array sizes must be plain global constants
-_ROW_ELEMS = MAX_ROWS * MAX_D
-_NEG = np.float32(-1e30)  # finite "minus infinity" (fastmath assumes no infs)
-
-if SIMULATOR:
-
-    def _i32_as_f32(bits):
-        return np.int32(bits).view(np.float32)
-
-    def _f32_as_i32(x):
-        return np.float32(x).view(np.int32)
-
-else:
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True, inline=True)
-    def _i32_as_f32(bits):
-        return libdevice.int_as_float(bits)
-
-    @cuda.jit(device=True, inline=True)
-    def _f32_as_i32(x):
-        return libdevice.float_as_int(x)
-
-
-@cuda.jit(device=True, inline=True)
-def _widen_f32(x):
-    return x
-
-
-@cuda.jit(device=True, inline=True)
-def _narrow_f32(x):
-    return x
-
-
-@cuda.jit(device=True, inline=True)
-def _widen_bf16(x):
-    return _i32_as_f32(np.int32(np.int32(x) * 65536))
-
-
-@cuda.jit(device=True, inline=True)
-def _narrow_bf16(x):
-    """float32 -> bfloat16 bits (as int16), round to nearest even, NaN stays NaN."""
-    if x != x:
-        return np.int16(0x7FC0)
-    u = np.int64(_f32_as_i32(x)) & 0xFFFFFFFF
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return np.int16(u - 65536 if u >= 32768 else u)
-
-
-@cuda.jit(device=True, inline=True)
-def _widen_f16(x):
-    return np.float32(x)
-
-
-@cuda.jit(device=True, inline=True)
-def _narrow_f16(x):
-    return np.float16(x)
-
-
-# (numba element type of the kernel's view of the tensor, widen, narrow), by torch dtype
-FORMATS = {
-    torch.float32: ("float32", _widen_f32, _narrow_f32),
-    torch.bfloat16: ("int16", _widen_bf16, _narrow_bf16),
-    torch.float16: ("float16", _widen_f16, _narrow_f16),
+FORMAT_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_W = "int32[::1]"
+_F = "float32[::1]"
+SIGNATURES = {  # every kernel takes flat words, row strides in words, int32 metadata
+    "decode": f"void({_W}, int32, {_W}, {_W}, {_W}, int32, {_W}, {_W}, int32, {_F}, {_F}, float32)",
+    "merge": f"void({_W}, {_F}, {_F}, {_W}, int32)",
+    "prefill": (
+        f"void({_W}, int32, {_W}, {_W}, {_W}, int32, {_W}, {_W}, {_W}, {_W}, int32, float32)"
+    ),
+    "write_kv": f"void({_W}, int32, {_W}, int32, {_W}, {_W}, {_W}, int32)",
 }
+SOURCES: dict[str, Callable] = {
+    "decode": decode_source,
+    "merge": merge_source,
+    "prefill": prefill_source,
+    "write_kv": write_source,
+}
+DEFAULT_CONFIG = LaunchConfig()
+MERGE_THREADS = 64
+WRITE_THREADS = 128
 
 
-def _make_attention(widen: Callable, narrow: Callable) -> Callable:
-    """The attention kernel's Python source, specialised to one storage format."""
-
-    def attention(q, kc, vc, tables, starts, pos, ctx, out, scale, qtile, gsplit, lanes):
-        k_sh = cuda.shared.array(_TILE_ELEMS, np.float32)
-        v_sh = cuda.shared.array(_TILE_ELEMS, np.float32)
-        o_sh = cuda.shared.array(_ROW_ELEMS, np.float32)
-        m_sh = cuda.shared.array(MAX_THREADS, np.float32)
-        l_sh = cuda.shared.array(MAX_THREADS, np.float32)
-        tot_sh = cuda.shared.array(MAX_ROWS, np.float32)
-        q_loc = cuda.local.array(MAX_D, np.float32)
-        acc = cuda.local.array(MAX_D, np.float32)
-        s_loc = cuda.local.array(KEY_TILE, np.float32)
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        d = q.shape[2]
-        block_size = kc.shape[1]
-        group = q.shape[1] // kc.shape[2]
-        # this block's sequence b and query tile t0 (tiles numbered sequence by sequence)
-        tile = cuda.blockIdx.x
-        b = -1
-        t0 = 0
-        seen = 0
-        for i in range(ctx.shape[0]):
-            nt = (starts[i + 1] - starts[i] + qtile - 1) // qtile
-            if b < 0 and tile < seen + nt:
-                b = i
-                t0 = tile - seen
-            seen += nt
-        if b < 0:
-            return  # the grid is an upper bound on the number of tiles
-        nsplit = (group + gsplit - 1) // gsplit
-        h = cuda.blockIdx.y // nsplit
-        g0 = (cuda.blockIdx.y - h * nsplit) * gsplit
-        ng = min(gsplit, group - g0)
-        lo = starts[b] + t0 * qtile
-        nq = min(qtile, starts[b + 1] - lo)
-        rows = nq * ng
-        r = tid // lanes
-        lane = tid - r * lanes
-        active = r < rows
-        clen = ctx[b]
-        kmax = 0
-        for i in range(nq):
-            kmax = max(kmax, min(pos[lo + i] + 1, clen))
-        lim = 0
-        if active:
-            qrow = lo + r // ng
-            head = h * group + g0 + r % ng
-            lim = min(pos[qrow] + 1, clen)
-            for e in range(d):
-                q_loc[e] = widen(q[qrow, head, e]) * scale
-                acc[e] = np.float32(0.0)
-        m = _NEG
-        den = np.float32(0.0)
-        for start in range(0, kmax, KEY_TILE):
-            n = min(KEY_TILE, kmax - start)
-            for idx in range(tid, n * d, nthreads):
-                j = idx // d
-                e = idx - j * d
-                p = start + j
-                blk = tables[b, p // block_size]
-                off = p - (p // block_size) * block_size
-                k_sh[idx] = widen(kc[blk, off, h, e])
-                v_sh[idx] = widen(vc[blk, off, h, e])
-            cuda.syncthreads()
-            if active:
-                stop = min(n, lim - start)
-                cnt = 0
-                mx = m
-                for j in range(lane, stop, lanes):
-                    s = np.float32(0.0)
-                    for e in range(d):
-                        s += q_loc[e] * k_sh[j * d + e]
-                    s_loc[cnt] = s
-                    cnt += 1
-                    mx = max(mx, s)
-                if cnt > 0:
-                    alpha = math.exp(m - mx)
-                    den *= alpha
-                    for e in range(d):
-                        acc[e] *= alpha
-                    c = 0
-                    for j in range(lane, stop, lanes):
-                        p = math.exp(s_loc[c] - mx)
-                        c += 1
-                        den += p
-                        for e in range(d):
-                            acc[e] += p * v_sh[j * d + e]
-                    m = mx
-            cuda.syncthreads()
-        # merge the lanes of each row: rescale to the row's max, sum in lane order
-        m_sh[tid] = m
-        l_sh[tid] = den
-        cuda.syncthreads()
-        w = np.float32(0.0)
-        if active:
-            top = _NEG
-            for i in range(lanes):
-                top = max(top, m_sh[r * lanes + i])
-            w = math.exp(m - top)
-            if lane == 0:
-                tot = np.float32(0.0)
-                for i in range(lanes):
-                    tot += l_sh[r * lanes + i] * math.exp(m_sh[r * lanes + i] - top)
-                tot_sh[r] = tot
-        for i in range(lanes):
-            if active and lane == i:
-                for e in range(d):
-                    prev = o_sh[r * d + e] if i > 0 else np.float32(0.0)
-                    o_sh[r * d + e] = prev + w * acc[e]
-            cuda.syncthreads()
-        for idx in range(tid, rows * d, nthreads):
-            rr = idx // d
-            e = idx - rr * d
-            out[lo + rr // ng, h * group + g0 + rr % ng, e] = narrow(o_sh[idx] / tot_sh[rr])
-
-    return attention
+def kernel_specs(
+    fmt: str, head_dim: int, block_size: int, hkv: int, group: int, config: LaunchConfig
+) -> dict[str, tuple]:
+    """name -> (kind, specialisation key) of every kernel a model of this shape launches."""
+    shape = (fmt, head_dim, block_size, hkv, group)
+    return {
+        "decode": ("decode", *shape, config.decode_threads, config.chunk),
+        "merge": ("merge", fmt, head_dim, hkv, group),
+        "prefill": ("prefill", *shape, config.prefill_threads, config.key_tile),
+        "write_kv": ("write_kv", fmt, head_dim, hkv, True),
+    }
 
 
-def _write_kv(k, v, kc, vc, slots):
-    """Block t copies row t of k and v into slot slots[t]; negative slots are skipped."""
-    t = cuda.blockIdx.x
-    slot = slots[t]
-    if slot < 0:
-        return
-    block_size = kc.shape[1]
-    blk = slot // block_size
-    off = slot - blk * block_size
-    d = k.shape[2]
-    for idx in range(cuda.threadIdx.x, k.shape[1] * d, cuda.blockDim.x):
-        h = idx // d
-        e = idx - h * d
-        kc[blk, off, h, e] = k[t, h, e]
-        vc[blk, off, h, e] = v[t, h, e]
+def jit_options(kind: str, key: tuple) -> dict:
+    """Compiler options: the attention kernels are held to 4 resident blocks per SM (launch
+    bounds), so at 128 threads ptxas keeps them within 128 registers; inspect checks no spills.
+    Why it matters: on sm_8x every shuffle in a loop gets a divergence fallback whose call
+    convention otherwise inflates register use past that (sm_90 needs no fallback)."""
+    options = {"fastmath": True}
+    if kind in ("decode", "prefill") and not SIMULATOR:  # the simulator takes no bounds
+        options["launch_bounds"] = (key[5], 4)  # key[5]: threads per block
+    return options
 
 
-ATTENTION_SOURCES = {dt: _make_attention(w, n) for dt, (_, w, n) in FORMATS.items()}
-_ATTENTION = {dt: cuda.jit(fastmath=True)(fn) for dt, fn in ATTENTION_SOURCES.items()}
-_WRITE_KV = cuda.jit(_write_kv)
+@functools.cache
+def compiled(kind: str, *key) -> Callable:
+    """The kernel for one specialisation, compiled (on first use) for its one signature."""
+    return cuda.jit(SIGNATURES[kind], **jit_options(kind, key))(SOURCES[kind](*key))
 
 
-def ptx_targets() -> list[tuple[str, Callable, str]]:
-    """(name, kernel source, signature) for every kernel and dtype: for compile checks."""
-    targets = []
-    for dt, (elem, _, _) in FORMATS.items():
-        name = str(dt).removeprefix("torch.")
-        store = f"{elem}[:, :, :, ::1]"
-        sig = (
-            f"void({elem}[:, :, ::1], {store}, {store}, int32[:, ::1], int32[::1], "
-            f"int32[::1], int32[::1], {elem}[:, :, ::1], float32, int64, int64, int64)"
-        )
-        targets.append((f"paged_attention[{name}]", ATTENTION_SOURCES[dt], sig))
-        bits = "int32" if elem == "float32" else "int16"
-        for slot in ("int32", "int64"):
-            sig = (
-                f"void({bits}[:, :, :], {bits}[:, :, :], {bits}[:, :, :, ::1], "
-                f"{bits}[:, :, :, ::1], {slot}[:])"
-            )
-            targets.append((f"write_kv[{name},{slot}]", _write_kv, sig))
-    return targets
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as numba sees it: bfloat16 as its int16 bits."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
-def _launch(kernel: Callable, grid: tuple, block: int, tensors: list[torch.Tensor], *scalars):
-    """Run `kernel` on torch's current stream (GPU) or on numpy views (simulator)."""
+def _array(t: torch.Tensor):
+    """A contiguous 1-D tensor as a kernel argument: numpy view (simulator) or device array."""
     if SIMULATOR:
-        if any(t.is_cuda for t in tensors):
+        if t.is_cuda:
             raise ValueError("the CUDA simulator is on: pass CPU tensors")
-        # the simulator copies arrays in and out whole, so strided inputs go in as copies
-        # (outputs are always contiguous, so they are written back in place)
-        kernel[grid, block](*(t.contiguous().numpy() for t in tensors), *scalars)
-        return
-    if not all(t.is_cuda for t in tensors):
+        return t.numpy()
+    if not t.is_cuda:
         raise ValueError("the CUDA kernels need CUDA tensors (or NUMBA_ENABLE_CUDASIM=1)")
-    device = tensors[0].device
-    stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-    with cuda.gpus[device.index or 0]:
-        kernel[grid, block, stream](*tensors, *scalars)
+    return cuda.as_cuda_array(t)
+
+
+def rows_as_words(x: torch.Tensor, align: int = 16) -> tuple[torch.Tensor, int]:
+    """[T, H, D] with contiguous [H, D] rows -> (flat int32 words, row stride in words).
+
+    Rows may be strided (q, k, v are views of fused projections); a tensor whose rows are not
+    `align`-byte aligned is copied once.
+    """
+    esz = x.element_size()
+
+    def aligned(y: torch.Tensor) -> bool:
+        return (
+            y.stride(2) == 1
+            and y.stride(1) == y.shape[2]
+            and (y.stride(0) * esz) % align == 0
+            and y.data_ptr() % align == 0
+        )
+
+    if not aligned(x):
+        x = x.contiguous()
+    span = (x.shape[0] - 1) * x.stride(0) + x.shape[1] * x.shape[2]
+    flat = x.as_strided((span,), (1,))
+    words = flat.view(torch.int32) if esz == 4 else flat.view(torch.int16).view(torch.int32)
+    return words, x.stride(0) * esz // 4
+
+
+_POOL_VIEWS: dict[tuple, object] = {}
+
+
+def pool_words(cache: torch.Tensor):
+    """One layer's K or V pool as flat words for the kernels; converted once per process."""
+    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, str(cache.device))
+    found = _POOL_VIEWS.get(key)
+    if found is not None:
+        return found
+    if not cache.is_contiguous() or cache.data_ptr() % 16:
+        raise ValueError("the KV pool must be contiguous and 16-byte aligned")
+    if cache.numel() * cache.element_size() // 4 >= 2**31:
+        raise ValueError("one layer's KV pool exceeds 2**31 words (32-bit index math)")
+    flat = cache.view(-1)
+    words = flat.view(torch.int32) if cache.element_size() == 4 else flat.view(torch.int16)
+    arr = _array(words.view(torch.int32))
+    if not SIMULATOR:  # numpy views would pin CPU tensors; they are cheap to rebuild anyway
+        if len(_POOL_VIEWS) > 256:
+            _POOL_VIEWS.clear()
+        _POOL_VIEWS[key] = arr
+    return arr
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+class CudaStep:
+    """One step's converted metadata, work lists and scratch, shared by every layer."""
+
+    def __init__(
+        self,
+        k_cache: torch.Tensor,
+        hq: int,
+        block_tables: torch.Tensor,
+        positions: torch.Tensor,
+        context_lens: torch.Tensor,
+        host: tuple[list[int], list[int], list[int]],
+        slot_mapping: torch.Tensor | None = None,
+        config: LaunchConfig | None = None,
+    ):
+        """`host` holds (query_start, query_positions, context_lens) as Python lists."""
+        self.config = cfg = config or DEFAULT_CONFIG
+        _, self.block_size, self.hkv, self.head_dim = k_cache.shape
+        self.fmt = FORMAT_NAMES[k_cache.dtype]
+        check_head_dim(self.fmt, self.head_dim)
+        log2_exact(self.block_size, "block size")
+        self.hq, self.group = hq, hq // self.hkv
+        self.device = k_cache.device
+        if SIMULATOR or not k_cache.is_cuda:
+            sms, self.stream = cfg.sms or 132, 0
+        else:
+            sms = cfg.sms or _sm_count(self.device.index or 0)
+            self.stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+        self.plan: AttentionPlan = plan_attention(
+            *host, fmt=self.fmt, head_dim=self.head_dim, hkv=self.hkv, group=self.group,
+            config=cfg, sms=sms,
+        )  # fmt: skip
+        p = self.plan
+        self._keep = [torch.from_numpy(p.packed()).to(self.device)]
+        cuts = np.cumsum([0, p.decode_items.size, p.merges.size, p.prefill_tiles.size])
+        self.items, self.merges, self.tiles = (
+            self._int_array(self._keep[0][a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        )
+        self.tables = self._int_array(block_tables.reshape(-1))
+        self.table_width = np.int32(block_tables.shape[1])
+        self.positions = self._int_array(positions)
+        self.context_lens = self._int_array(context_lens)
+        self.slots = None if slot_mapping is None else self._int_array(slot_mapping)
+        scratch = max(1, p.slots * hq)
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self.o_part = self._float_array(torch.empty(scratch * self.head_dim, **f32))
+        self.ml_part = self._float_array(torch.empty(scratch * 2, **f32))
+        specs = kernel_specs(self.fmt, self.head_dim, self.block_size, self.hkv, self.group, cfg)
+        self._specs = specs
+
+    @classmethod
+    def from_tensors(
+        cls,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        query_start: torch.Tensor,
+        query_positions: torch.Tensor,
+        context_lens: torch.Tensor,
+        config: LaunchConfig | None = None,
+    ) -> CudaStep:
+        """For one standalone call: fetches the small metadata to the host with one copy."""
+        flat = torch.cat([query_start, query_positions, context_lens]).tolist()
+        b, t = context_lens.shape[0], query_positions.shape[0]
+        host = (flat[: b + 1], flat[b + 1 : b + 1 + t], flat[b + 1 + t :])
+        return cls(k_cache, q.shape[1], block_tables, query_positions, context_lens, host,
+                   config=config)  # fmt: skip
+
+    def _int_array(self, t: torch.Tensor):
+        t = t.to(device=self.device, dtype=torch.int32).contiguous()
+        if t.numel() == 0:
+            return None
+        self._keep.append(t)
+        return _array(t)
+
+    def _float_array(self, t: torch.Tensor):
+        self._keep.append(t)
+        return _array(t)
+
+    def _launch(self, name: str, grid: tuple, block: int, *args) -> None:
+        kernel = compiled(*self._specs[name])
+        if SIMULATOR:
+            try:
+                kernel[grid, block](*args)
+            finally:
+                reset_simulated_warps()
+            return
+        with cuda.gpus[self.device.index or 0]:
+            kernel[grid, block, self.stream](*args)
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Paged multi-input attention of one layer; returns [T, Hq, D] in q's dtype."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if q.shape[0] == 0:
+            return out
+        qw, qs = rows_as_words(q)
+        ow, os_ = rows_as_words(out)
+        qa, oa = _array(qw), _array(ow)
+        kc, vc = pool_words(k_cache), pool_words(v_cache)
+        p, cfg = self.plan, self.config
+        scale2 = np.float32(scale * LOG2E)
+        qs, os_ = np.int32(qs), np.int32(os_)
+        if len(p.decode_items):
+            grid = (len(p.decode_items), self.hkv * p.decode_slices)
+            self._launch(
+                "decode", grid, cfg.decode_threads, qa, qs, kc, vc, self.tables,
+                self.table_width, self.items, oa, os_, self.o_part, self.ml_part, scale2,
+            )  # fmt: skip
+        if len(p.merges):
+            threads = min(MERGE_THREADS, words_per_row(self.fmt, self.head_dim))
+            grid = (len(p.merges), self.hq)
+            self._launch("merge", grid, threads, self.merges, self.o_part, self.ml_part, oa, os_)
+        if len(p.prefill_tiles):
+            grid = (len(p.prefill_tiles), self.hkv * p.prefill_slices)
+            self._launch(
+                "prefill", grid, cfg.prefill_threads, qa, qs, kc, vc, self.tables,
+                self.table_width, self.tiles, self.positions, self.context_lens, oa, os_, scale2,
+            )  # fmt: skip
+        return out
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        """write_kv of one layer with this step's slot mapping."""
+        if self.slots is None:
+            raise ValueError("this step was built without a slot mapping")
+        _write_kv(self, k, v, k_cache, v_cache, self.slots)
+
+
+def _write_kv(launcher, k, v, k_cache, v_cache, slots) -> None:
+    """Launch write_kv: one thread per 16-byte vector (or word, for unaligned rows)."""
+    t = k.shape[0]
+    if t == 0:
+        return
+    fmt = FORMAT_NAMES[k_cache.dtype]
+    _, _, hkv, d = k_cache.shape
+    row_bytes = hkv * d * k_cache.element_size()
+    vector = row_bytes % 16 == 0
+    align = 16 if vector else 4
+    kw, ks = rows_as_words(k, align)
+    vw, vs = rows_as_words(v, align)
+    units = t * (row_bytes // align)
+    grid = (-(-units // WRITE_THREADS),)
+    kernel = compiled("write_kv", fmt, d, hkv, vector)
+    args = (_array(kw), np.int32(ks), _array(vw), np.int32(vs), pool_words(k_cache),
+            pool_words(v_cache), slots, np.int32(t))  # fmt: skip
+    if SIMULATOR:
+        kernel[grid, WRITE_THREADS](*args)
+        return
+    stream = getattr(launcher, "stream", None) or cuda.external_stream(
+        torch.cuda.current_stream(k_cache.device).cuda_stream
+    )
+    with cuda.gpus[k_cache.device.index or 0]:
+        kernel[grid, WRITE_THREADS, stream](*args)
 
 
 def paged_attention_cuda(
@@ -294,53 +317,24 @@ def paged_attention_cuda(
     scale: float,
     *,
     validate: bool = True,
-    query_tile: int | None = None,
-    lanes: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Paged multi-input attention with the CUDA kernel; see `pensieve.kernels.paged_attention`.
+    """Paged multi-input attention with the CUDA kernels; see `pensieve.kernels.paged_attention`.
 
-    `query_tile` and `lanes` override the launch shape (the tests keep them tiny so the
-    simulator runs few threads).
+    A standalone call plans its own step (one small device-to-host copy); the engine builds a
+    `CudaStep` once per step instead. `config` overrides the launch shape (the simulator tests
+    keep it tiny).
     """
     if validate:
         check_paged_attention(
             q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale
         )
-    if q.shape[2] > MAX_D:
-        raise ValueError(f"the CUDA kernel supports head dim <= {MAX_D}, got {q.shape[2]}")
-    out = torch.empty_like(q)
-    t, hq, _ = q.shape
-    if t == 0:
-        return out
-    batch = block_tables.shape[0]
-    hkv = k_cache.shape[2]
-    group = hq // hkv
-    gsplit = min(group, MAX_ROWS)
-    # queries per block: the batch's mean per sequence (known without a device sync), so a
-    # decode batch gets one query per block instead of mostly idle rows
-    qtile = max(1, min(MAX_ROWS // gsplit, query_tile or -(-t // max(batch, 1))))
-    lanes = max(1, min(lanes or KEY_TILE, MAX_THREADS // (qtile * gsplit)))
-    grid = (t // qtile + batch, hkv * -(-group // gsplit))
-    tensors = [
-        _bits(q.contiguous()),
-        _bits(k_cache),
-        _bits(v_cache),
-        block_tables.contiguous(),
-        query_start.contiguous(),
-        query_positions.contiguous(),
-        context_lens.contiguous(),
-    ]
-    _launch(
-        _ATTENTION[q.dtype],
-        grid,
-        qtile * gsplit * lanes,
-        [*tensors, _bits(out)],
-        np.float32(scale),
-        qtile,
-        gsplit,
-        lanes,
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    step = CudaStep.from_tensors(
+        q, k_cache, block_tables, query_start, query_positions, context_lens, config
     )
-    return out
+    return step.attention(q, k_cache, v_cache, scale)
 
 
 def write_kv_cuda(
@@ -351,16 +345,13 @@ def write_kv_cuda(
     slot_mapping: torch.Tensor,
     *,
     validate: bool = True,
-    threads: int = 128,
 ) -> None:
-    """write_kv with the CUDA kernel: one block per token row."""
+    """write_kv with the CUDA kernel: one thread per 16-byte vector of a token's K and V."""
     if validate:
         check_write_kv(k, v, k_cache, v_cache, slot_mapping)
     if k.shape[0] == 0:
         return
+    slots = slot_mapping.to(torch.int32).contiguous()
+    _write_kv(None, k, v, k_cache, v_cache, _array(slots))
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # same-width integer bits: a plain copy
-        return t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)
 
-    tensors = [flat(k), flat(v), flat(k_cache), flat(v_cache), slot_mapping]
-    _launch(_WRITE_KV, (k.shape[0],), max(1, min(threads, k.shape[1] * k.shape[2])), tensors)

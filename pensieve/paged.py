@@ -1,8 +1,16 @@
-"""The paged attention backend: the model's attention on the device tier's KV pool."""
+"""The paged attention backend: the model's attention on the device tier's KV pool.
+
+The step's metadata is built once (`StepMetadata.build`, on the host, then copied); on a CUDA
+device the backend also builds the kernels' per-step state once, at the first layer
+(`CudaStep`: work lists, Numba views, split-KV scratch), and every layer reuses it. Argument
+validation of the kernels runs only in debug mode (PENSIEVE_KERNEL_DEBUG=1 or `debug=True`),
+then on every layer; `StepMetadata.build` always checks what it derives.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,7 +18,13 @@ import torch
 
 from pensieve import kernels
 from pensieve.block_allocator import KVPool
+from pensieve.kernels._args import check_paged_attention, check_write_kv
 from pensieve.messages import SequenceRows
+
+
+def kernel_debug() -> bool:
+    """Whether PENSIEVE_KERNEL_DEBUG asks for every layer's kernel arguments to be checked."""
+    return os.environ.get("PENSIEVE_KERNEL_DEBUG", "") not in ("", "0")
 
 
 @dataclass
@@ -23,6 +37,8 @@ class StepMetadata:
     query_start: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
     sample_rows: torch.Tensor  # [S] int64: the last row of each sequence that samples
+    # (query_start, positions, context_lens) as host lists: the CUDA kernels plan from them
+    host: tuple[list[int], list[int], list[int]] | None = None
 
     @classmethod
     def build(cls, rows: list[SequenceRows], block_size: int, device: torch.device) -> StepMetadata:
@@ -34,7 +50,8 @@ class StepMetadata:
         query_lens = torch.tensor([len(r.tokens) for r in rows], dtype=torch.int64)
         starts = torch.zeros(len(rows) + 1, dtype=torch.int64)
         torch.cumsum(query_lens, 0, out=starts[1:])
-        positions = torch.tensor([p for r in rows for p in r.positions], dtype=torch.int64)
+        host_positions = [p for r in rows for p in r.positions]
+        positions = torch.tensor(host_positions, dtype=torch.int64)
         owner = torch.repeat_interleave(torch.arange(len(rows)), query_lens)
         chunk = positions // block_size
         if bool((chunk >= width).any()):
@@ -48,13 +65,15 @@ class StepMetadata:
         sample_rows = torch.tensor(
             [int(starts[i + 1]) - 1 for i, r in enumerate(rows) if r.sample], dtype=torch.int64
         )
+        host_ctx = [r.context_len for r in rows]
         return cls(
             slot_mapping=slots.to(device),
             positions=positions.to(torch.int32).to(device),
             block_tables=table.to(device),
             query_start=starts.to(torch.int32).to(device),
-            context_lens=torch.tensor([r.context_len for r in rows], dtype=torch.int32).to(device),
+            context_lens=torch.tensor(host_ctx, dtype=torch.int32).to(device),
             sample_rows=sample_rows.to(device),
+            host=(starts.tolist(), host_positions, host_ctx),
         )
 
 
@@ -62,7 +81,8 @@ class PagedAttentionBackend:
     """Writes each layer's new K/V into its slots, then attends through the block tables.
 
     `wait_for_layer(i)` blocks until layer i's restored KV has arrived (pipelined swap-in):
-    layer i's attention waits only for layer i's copy.
+    layer i's attention waits only for layer i's copy. `cuda_kernels` forces the CUDA kernels
+    on or off (default: by the pool's device; the simulator tests force them on CPU tensors).
     """
 
     def __init__(
@@ -70,18 +90,34 @@ class PagedAttentionBackend:
         pool: KVPool,
         meta: StepMetadata,
         wait_for_layer: Callable[[int], None] | None = None,
+        *,
+        debug: bool | None = None,
+        cuda_kernels: bool | None = None,
+        cuda_config=None,
     ):
         self.pool = pool
         self.meta = meta
         self.wait_for_layer = wait_for_layer
+        self.debug = kernel_debug() if debug is None else debug
+        self.cuda_kernels = pool.keys.is_cuda if cuda_kernels is None else cuda_kernels
+        self.cuda_config = cuda_config  # a kernels.cuda_plan.LaunchConfig, or the default
+        self._cuda_step = None  # kernels.cuda_attention.CudaStep, built at the first layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.wait_for_layer is not None:
             self.wait_for_layer(layer)
         k_cache, v_cache = self.pool.keys[layer], self.pool.values[layer]
         m = self.meta
-        check = layer == 0  # the metadata is the same for every layer: validate it once a step
-        kernels.write_kv(k, v, k_cache, v_cache, m.slot_mapping, validate=check)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.debug:
+            check_write_kv(k, v, k_cache, v_cache, m.slot_mapping)
+            args = (m.block_tables, m.query_start, m.positions, m.context_lens, scale)
+            check_paged_attention(q, k_cache, v_cache, *args)
+        if self.cuda_kernels:
+            step = self._cuda_step or self._build_cuda_step(q, k_cache)
+            step.write_kv(k, v, k_cache, v_cache)
+            return step.attention(q, k_cache, v_cache, scale)
+        kernels.write_kv(k, v, k_cache, v_cache, m.slot_mapping, validate=False)
         return kernels.paged_attention(
             q,
             k_cache,
@@ -90,6 +126,26 @@ class PagedAttentionBackend:
             m.query_start,
             m.positions,
             m.context_lens,
-            1.0 / math.sqrt(q.shape[-1]),
-            validate=check,
+            scale,
+            validate=False,
         )
+
+    def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor):
+        """The CUDA kernels' state for this step: plans and conversions done once."""
+        from pensieve.kernels.cuda_attention import CudaStep
+
+        m = self.meta
+        host = m.host
+        if host is None:  # metadata built elsewhere: one small device-to-host copy
+            host = (m.query_start.tolist(), m.positions.tolist(), m.context_lens.tolist())
+        self._cuda_step = CudaStep(
+            k_cache,
+            q.shape[1],
+            m.block_tables,
+            m.positions,
+            m.context_lens,
+            host,
+            slot_mapping=m.slot_mapping,
+            config=self.cuda_config,
+        )
+        return self._cuda_step

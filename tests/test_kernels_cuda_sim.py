@@ -1,11 +1,17 @@
 """The Numba CUDA kernels, checked without a GPU.
 
-1. Under the CUDA simulator against the torch reference, every dtype (bfloat16 as int16 bits).
+1. Under the CUDA simulator against the torch reference: the default model's head layout
+   (9 query / 3 KV heads, head dim 64) and head dim 128, float16, bfloat16 (as bits) and
+   float32, decode rows split across partitions and merged (split-KV), several softmax chunks,
+   mixed decode + prefill + recompute batches, GQA groups split across blocks, write_kv on
+   strided views, and the engine's per-step path (`PagedAttentionBackend` with a `CudaStep`).
    NUMBA_ENABLE_CUDASIM is read when numba is first imported, so the cases run in a worker
    subprocess (this file run as a script) and never touch the pytest process's numba.
-2. Compiled to PTX for sm_80 and sm_90 (`numba.cuda.compile_ptx`), which catches typing errors
-   the simulator lets through; skipped when the CUDA toolchain (numba-cuda[cu13]) is missing.
-Both workers start together and run in parallel; each test reads its case from their reports.
+2. `python -m pensieve.kernels.inspect --json`: every kernel compiled to PTX for sm_80 and
+   sm_90 (float32 for sm_80 only) and assembled by ptxas; the decode kernel must have no stack
+   frame, no spills and at most 128 registers. Skipped when the CUDA toolchain
+   (numba-cuda[cu13]) is missing.
+The workers start together and run in parallel; each test reads its case from their reports.
 """
 
 from __future__ import annotations
@@ -18,68 +24,141 @@ import time
 
 import pytest
 
-DTYPES = ["float32", "bfloat16", "float16"]
-GQA = {"hq": 6, "hkv": 2, "d": 8}
-MIXED = [(37, [36]), (9, [2, 8, 5]), (0, []), (30, [0, 1, 2, 26, 27, 28, 29])]
-# name -> (dtype, make_paged_case kwargs, launch overrides)
+SMALL = {"decode_threads": 32, "prefill_threads": 32, "chunk": 16, "key_tile": 8,
+         "split_min_keys": 8, "sms": 4}  # fmt: skip
+NO_SPLIT = {**SMALL, "sms": 1}  # one SM: rows x heads already fill it, nothing splits
+TWO_WARPS = {**SMALL, "decode_threads": 64, "prefill_threads": 64}
+MIXED = [(37, [36]), (9, [2, 8, 5]), (0, []), (30, [0, 1, 2, 26, 27, 28, 29]), (20, [19])]
+DEFAULT_HEADS = {"hq": 9, "hkv": 3, "d": 64}
+# name -> (dtype, make_paged_case kwargs, LaunchConfig kwargs)
 ATTENTION_CASES = {
-    **{
-        f"mixed[{dt}]": (dt, {"seqs": MIXED, **GQA}, {"query_tile": 2, "lanes": 2}) for dt in DTYPES
-    },
-    "default_heads_bs32": (
-        "float32",
-        {"seqs": [(40, [39]), (33, [10, 32])], "hq": 9, "hkv": 3, "d": 16, "block_size": 32},
-        {"query_tile": 2, "lanes": 2},
+    "default_heads_decode_split[bfloat16]": (
+        "bfloat16", {"seqs": [(37, [36]), (5, [4])], **DEFAULT_HEADS}, SMALL),
+    "default_heads_mixed[float16]": (
+        "float16", {"seqs": MIXED, **DEFAULT_HEADS, "block_size": 32}, SMALL),
+    "default_heads_mixed[bfloat16]": ("bfloat16", {"seqs": MIXED, **DEFAULT_HEADS}, SMALL),
+    "default_heads_chunks_no_split[bfloat16]": (
+        "bfloat16", {"seqs": [(50, [49]), (33, [32])], **DEFAULT_HEADS}, NO_SPLIT),
+    "default_heads_two_warps[bfloat16]": (
+        "bfloat16", {"seqs": MIXED[:2], **DEFAULT_HEADS}, TWO_WARPS),
+    "head_dim_128[bfloat16]": (
+        "bfloat16", {"seqs": [(40, [39]), (12, [3, 11, 7])], "hq": 8, "hkv": 2, "d": 128}, SMALL),
+    "head_dim_128_group_8[float16]": (
+        "float16",
+        {"seqs": [(26, [25]), (10, [0, 9, 4, 5])], "hq": 8, "hkv": 1, "d": 128, "block_size": 32},
+        SMALL,
     ),
-    "group_split": (
-        "float32",
-        {"seqs": [(18, [17])], "hq": 34, "hkv": 1, "d": 4},
-        {"query_tile": 1, "lanes": 1},
-    ),
-    "default_launch_shape": (
-        "bfloat16",
-        {"seqs": [(20, [19]), (12, [3, 11, 7])], "hq": 3, "hkv": 3, "d": 8},
-        {},
-    ),
-}
-WRITE_CASES = [f"write_kv[{dt},{slot}]" for dt in DTYPES for slot in ("int32", "int64")]
-PTX_TARGETS = [
-    name
-    for dt in DTYPES
-    for name in (f"paged_attention[{dt}]", f"write_kv[{dt},int32]", f"write_kv[{dt},int64]")
+    "mixed[float32]": ("float32", {"seqs": MIXED, "hq": 6, "hkv": 2, "d": 64}, SMALL),
+    "group_split[float32]": (
+        "float32", {"seqs": [(18, [17]), (7, [1, 6])], "hq": 34, "hkv": 1, "d": 4}, SMALL),
+}  # fmt: skip
+WRITE_CASES = [
+    f"write_kv[{dt},{slot},{path}]"
+    for dt in ("float32", "bfloat16", "float16")
+    for slot in ("int32", "int64")
+    for path in ("vector", "word")
 ]
+OTHER_SIM = ["backend_step[bfloat16]", "head_dim_limit"]
 TOL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
+INSPECT_DTYPES = ("float32", "float16", "bfloat16")
+KERNELS = ("decode", "merge", "prefill", "write_kv")
+SHAPE_DIMS = (64, 128)
+ARCHS = ("sm_80", "sm_90")
+
+
+def _attention_case(name: str, dt: str, kwargs: dict, launch: dict, seed: int) -> dict:
+    import torch
+
+    from pensieve.kernels.cuda_attention import paged_attention_cuda
+    from pensieve.kernels.cuda_plan import LaunchConfig
+    from pensieve.kernels.reference import paged_attention_reference
+    from pensieve.kernels.testing import make_paged_case
+
+    case = make_paged_case(dtype=getattr(torch, dt), seed=seed, **kwargs)
+    out = paged_attention_cuda(*case.args(), config=LaunchConfig(**launch))
+    err = (out.float() - paged_attention_reference(*case.args()).float()).abs().max().item()
+    return {"err": err, "ok": err <= TOL[dt] and out.dtype == case.q.dtype}
+
+
+def _write_case(dt: str, slot: str, path: str) -> dict:
+    import torch
+
+    from pensieve.kernels.cuda_attention import write_kv_cuda
+    from pensieve.kernels.reference import write_kv_reference
+
+    dtype = getattr(torch, dt)
+    hkv, d = (2, 8) if path == "vector" else (1, 2)  # rows of 16+ bytes, or of 4 or 8
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(3, 16, hkv, d, generator=gen).to(dtype) for _ in "kv"]
+    kv = torch.randn(5, hkv, 3 * d, generator=gen).to(dtype)
+    k, v = kv[..., :d], kv[..., d : 2 * d]  # strided views, as a fused projection gives
+    slots = torch.tensor([47, -1, 0, 16, 5], dtype=getattr(torch, slot))
+    want = [c.clone() for c in caches]
+    write_kv_cuda(k, v, *caches, slots)
+    write_kv_reference(k, v, *want, slots)
+    return {"ok": all(torch.equal(a, b) for a, b in zip(caches, want, strict=True)), "err": 0}
+
+
+def _backend_case() -> dict:
+    """Two layers through the engine's path: StepMetadata, PagedAttentionBackend, CudaStep."""
+    import torch
+
+    from pensieve.block_allocator import KVPool
+    from pensieve.kernels.cuda_plan import LaunchConfig
+    from pensieve.kernels.reference import paged_attention_reference, write_kv_reference
+    from pensieve.messages import SamplingParams, SequenceRows
+    from pensieve.paged import PagedAttentionBackend, StepMetadata
+
+    gen = torch.Generator().manual_seed(3)
+    pool = KVPool.empty(2, 8, 16, 3, 64, torch.bfloat16, torch.device("cpu"))
+    pool.keys.copy_(torch.randn(pool.keys.shape, generator=gen))
+    pool.values.copy_(torch.randn(pool.values.shape, generator=gen))
+    rows = [  # a decode row over two blocks, and a prompt of 5 new tokens after 3 cached ones
+        SequenceRows(1, [0], [20], [5, 2], 21, True, SamplingParams()),
+        SequenceRows(2, [0] * 5, list(range(3, 8)), [7], 8, True, SamplingParams()),
+    ]
+    meta = StepMetadata.build(rows, 16, torch.device("cpu"))
+    want = KVPool(pool.keys.clone(), pool.values.clone())
+    backend = PagedAttentionBackend(
+        pool, meta, cuda_kernels=True, debug=True, cuda_config=LaunchConfig(**SMALL)
+    )
+    err, steps = 0.0, set()
+    for layer in range(2):
+        q, k, v = (torch.randn(6, h, 64, generator=gen).to(torch.bfloat16) for h in (9, 3, 3))
+        out = backend.attend(layer, q, k, v)
+        steps.add(id(backend._cuda_step))
+        kc, vc = want.keys[layer], want.values[layer]
+        write_kv_reference(k, v, kc, vc, meta.slot_mapping)
+        ref = paged_attention_reference(
+            q, kc, vc, meta.block_tables, meta.query_start, meta.positions, meta.context_lens,
+            1 / 8,
+        )  # fmt: skip
+        err = max(err, (out.float() - ref.float()).abs().max().item())
+    same_pool = torch.equal(pool.keys, want.keys) and torch.equal(pool.values, want.values)
+    return {"ok": err <= TOL["bfloat16"] and same_pool and len(steps) == 1, "err": err}
 
 
 def _sim_worker() -> dict:
-    """Run every simulator case; report max error against the reference per case."""
-    import torch
-
-    from pensieve.kernels.cuda_attention import SIMULATOR, paged_attention_cuda, write_kv_cuda
-    from pensieve.kernels.reference import paged_attention_reference, write_kv_reference
-    from pensieve.kernels.testing import make_paged_case
+    """Run every simulator case; report max error against the reference and seconds per case."""
+    sys.setswitchinterval(1e-3)  # simulated threads hand over the GIL faster
+    from pensieve.kernels.cuda_prims import SIMULATOR
 
     assert SIMULATOR, "NUMBA_ENABLE_CUDASIM was not set before numba was imported"
     report = {}
-    for name, (dt, kwargs, launch) in ATTENTION_CASES.items():
+    for i, (name, (dt, kwargs, launch)) in enumerate(ATTENTION_CASES.items()):
         t0 = time.perf_counter()
-        case = make_paged_case(dtype=getattr(torch, dt), seed=len(report), **kwargs)
-        out = paged_attention_cuda(*case.args(), **launch).float()
-        err = (out - paged_attention_reference(*case.args()).float()).abs().max().item()
-        report[name] = {"err": err, "ok": err <= TOL[dt], "s": time.perf_counter() - t0}
-    gen = torch.Generator().manual_seed(0)
+        report[name] = {**_attention_case(name, dt, kwargs, launch, i), "s": 0.0}
+        report[name]["s"] = time.perf_counter() - t0
     for name in WRITE_CASES:
-        dt, slot = name[len("write_kv[") : -1].split(",")
-        caches = [torch.randn(3, 16, 2, 4, generator=gen).to(getattr(torch, dt)) for _ in "kv"]
-        kv = torch.randn(5, 2, 12, generator=gen).to(getattr(torch, dt))
-        k, v = kv[..., :4], kv[..., 4:8]  # strided views, as a fused projection gives
-        slots = torch.tensor([47, -1, 0, 16, 5], dtype=getattr(torch, slot))
-        want = [c.clone() for c in caches]
-        write_kv_cuda(k, v, *caches, slots, threads=3)
-        write_kv_reference(k, v, *want, slots)
-        same = all(torch.equal(a, b) for a, b in zip(caches, want, strict=True))
-        report[name] = {"ok": same, "err": 0}
-    case = make_paged_case([(5, [4])], d=160, seed=0)
+        report[name] = _write_case(*name[len("write_kv[") : -1].split(","))
+    t0 = time.perf_counter()
+    report["backend_step[bfloat16]"] = {**_backend_case(), "s": time.perf_counter() - t0}
+    import torch
+
+    from pensieve.kernels.cuda_attention import paged_attention_cuda
+    from pensieve.kernels.testing import make_paged_case
+
+    case = make_paged_case([(5, [4])], d=160, dtype=torch.bfloat16, seed=0)
     try:
         paged_attention_cuda(*case.args())
         report["head_dim_limit"] = {"ok": False, "err": "no ValueError for head dim 160"}
@@ -88,78 +167,85 @@ def _sim_worker() -> dict:
     return report
 
 
-def _ptx_worker() -> dict:
-    """Compile every kernel and dtype signature to PTX for sm_80 and sm_90."""
-    try:
-        from numba import cuda
-
-        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(8, 0))
-    except Exception as exc:  # no NVVM / CUDA toolchain wheel installed
-        return {"_unavailable": f"{type(exc).__name__}: {exc}"}
-    from pensieve.kernels.cuda_attention import ptx_targets
-
-    report = {}
-    for name, fn, sig in ptx_targets():
-        t0 = time.perf_counter()
-        ok, detail = True, ""
-        for cc in ((8, 0), (9, 0)):
-            ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
-            if f".target sm_{cc[0]}{cc[1]}" not in ptx or ".f64" in ptx:
-                ok, detail = False, f"sm_{cc[0]}{cc[1]}: wrong target or float64 math in PTX"
-        report[name] = {"ok": ok, "err": detail, "s": time.perf_counter() - t0}
-    return report
-
-
 class Worker:
-    """This file run as a script in a subprocess; `report()` waits for its JSON answer."""
+    """A subprocess whose last stdout line is a JSON report; `report()` waits for it."""
 
-    def __init__(self, mode: str):
+    def __init__(self, cmd: list[str], simulator: bool):
         env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-        if mode == "sim":
+        if simulator:
             env["NUMBA_ENABLE_CUDASIM"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), mode],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        self._report: dict | None = None
+        self._report: dict | list | None = None
 
-    def report(self) -> dict:
+    def report(self):
         if self._report is None:
-            out, err = self.proc.communicate(timeout=600)
+            out, err = self.proc.communicate(timeout=900)
             if self.proc.returncode != 0:
                 pytest.fail(f"worker failed ({self.proc.returncode}):\n{err[-4000:]}")
             self._report = json.loads(out.strip().splitlines()[-1])
         return self._report
 
 
+def _inspect(arch: int, dtypes: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "pensieve.kernels.inspect", "--json", "--compact",
+            "--arch", str(arch), "--dtype", ",".join(dtypes)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def workers() -> dict[str, Worker]:
-    started = {mode: Worker(mode) for mode in ("sim", "ptx")}  # both run at once
+    started = {  # all run at once; float32 (not an inspect target) is compiled for sm_80 only
+        "sim": Worker([sys.executable, os.path.abspath(__file__), "sim"], simulator=True),
+        "sm_80": Worker(_inspect(80, INSPECT_DTYPES), simulator=False),
+        "sm_90": Worker(_inspect(90, ("float16", "bfloat16")), simulator=False),
+    }
     yield started
     for worker in started.values():
         if worker.proc.poll() is None:
             worker.proc.kill()
 
 
-@pytest.mark.parametrize("name", [*ATTENTION_CASES, *WRITE_CASES, "head_dim_limit"])
+@pytest.mark.parametrize("name", [*ATTENTION_CASES, *WRITE_CASES, *OTHER_SIM])
 def test_cuda_kernel_under_simulator(workers, name):
     result = workers["sim"].report()[name]
     assert result["ok"], f"{name}: {result['err']}"
 
 
-@pytest.mark.parametrize("name", PTX_TARGETS)
-def test_cuda_kernel_compiles_to_ptx(workers, name):
-    report = workers["ptx"].report()
-    if "_unavailable" in report:
-        pytest.skip(
-            "CUDA toolchain for compile_ptx missing (pip install 'numba-cuda[cu13]'): "
-            + report["_unavailable"]
-        )
-    assert report[name]["ok"], report[name]["err"]
+def _inspect_rows(workers, kernel: str, dtype: str, head_dim: int) -> list[dict]:
+    rows = []
+    for arch in ARCHS:
+        report = workers[arch].report()
+        if isinstance(report, dict) and "unavailable" in report:
+            pytest.skip(f"CUDA toolchain for compile_ptx missing: {report['unavailable']}")
+        key = (kernel, dtype, head_dim)
+        rows += [r for r in report if (r["kernel"], r["dtype"], r["head_dim"]) == key]
+    want = {"sm_80"} if dtype == "float32" else set(ARCHS)
+    assert {r["arch"] for r in rows} == want, f"missing architectures: {rows}"
+    return rows
+
+
+@pytest.mark.parametrize("head_dim", SHAPE_DIMS)
+@pytest.mark.parametrize("dtype", INSPECT_DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_kernel_compiles_to_ptx(workers, kernel, dtype, head_dim):
+    for row in _inspect_rows(workers, kernel, dtype, head_dim):
+        assert row["compile_error"] is None, row["compile_error"]
+        assert row["float64_in_ptx"] == 0, f"float64 math in {row}"
+
+
+@pytest.mark.parametrize("head_dim", SHAPE_DIMS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_decode_kernel_keeps_everything_in_registers(workers, dtype, head_dim):
+    """ptxas: no stack frame, no spills, at most 128 registers (sm_80 and sm_90)."""
+    for row in _inspect_rows(workers, "decode", dtype, head_dim):
+        if row["assembler_error"]:
+            pytest.skip(f"no ptxas could assemble the PTX: {row['assembler_error']}")
+        assert row["stack_bytes"] == 0, row
+        assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
+        assert row["registers"] <= 128, row
+        assert row["int_divisions_in_ptx"] == 0, row
 
 
 if __name__ == "__main__":
-    print(json.dumps(_sim_worker() if sys.argv[1] == "sim" else _ptx_worker()))
+    print(json.dumps(_sim_worker()))
