@@ -52,7 +52,6 @@ SOURCES: dict[str, Callable] = {
     "write_kv": write_source,
 }
 DEFAULT_CONFIG = LaunchConfig()
-MERGE_THREADS = 64
 WRITE_THREADS = 128
 
 
@@ -84,6 +83,17 @@ def jit_options(kind: str, key: tuple) -> dict:
 def compiled(kind: str, *key) -> Callable:
     """The kernel for one specialisation, compiled (on first use) for its one signature."""
     return cuda.jit(SIGNATURES[kind], **jit_options(kind, key))(SOURCES[kind](*key))
+
+
+def warm_up(dtype: torch.dtype, head_dim: int, block_size: int, hkv: int, group: int) -> None:
+    """Compile every kernel a model of this shape launches (a few seconds; otherwise the first
+    step pays it). Raises ValueError for shapes the kernels do not support."""
+    fmt = FORMAT_NAMES[dtype]
+    check_head_dim(fmt, head_dim)
+    log2_exact(block_size, "block size")
+    for kind, *key in kernel_specs(fmt, head_dim, block_size, hkv, group, DEFAULT_CONFIG).values():
+        compiled(kind, *key)
+    compiled("write_kv", fmt, head_dim, hkv, False)
 
 
 def _array(t: torch.Tensor):
@@ -258,8 +268,8 @@ class CudaStep:
                 "decode", grid, cfg.decode_threads, qa, qs, kc, vc, self.tables,
                 self.table_width, self.items, oa, os_, self.o_part, self.ml_part, scale2,
             )  # fmt: skip
-        if len(p.merges):
-            threads = min(MERGE_THREADS, words_per_row(self.fmt, self.head_dim))
+        if len(p.merges):  # one thread per word of a head's row (at most 128)
+            threads = words_per_row(self.fmt, self.head_dim)
             grid = (len(p.merges), self.hq)
             self._launch("merge", grid, threads, self.merges, self.o_part, self.ml_part, oa, os_)
         if len(p.prefill_tiles):
@@ -274,6 +284,8 @@ class CudaStep:
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> None:
         """write_kv of one layer with this step's slot mapping."""
+        if k.shape[0] == 0:
+            return
         if self.slots is None:
             raise ValueError("this step was built without a slot mapping")
         _write_kv(self, k, v, k_cache, v_cache, self.slots)

@@ -48,7 +48,8 @@ ATTENTION_CASES = {
         {"seqs": [(26, [25]), (10, [0, 9, 4, 5])], "hq": 8, "hkv": 1, "d": 128, "block_size": 32},
         SMALL,
     ),
-    "mixed[float32]": ("float32", {"seqs": MIXED, "hq": 6, "hkv": 2, "d": 64}, SMALL),
+    "mixed_head_dim_128[float32]": (
+        "float32", {"seqs": MIXED[:3], "hq": 6, "hkv": 2, "d": 128}, SMALL),
     "group_split[float32]": (
         "float32", {"seqs": [(18, [17]), (7, [1, 6])], "hq": 34, "hkv": 1, "d": 4}, SMALL),
 }  # fmt: skip
