@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from pensieve.runtime import LoadedModel
+
 NO_GPU = 3
 SECTIONS = ("engine", "kernels", "swap", "overlap")
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def overlap_model(device: torch.device, smoke: bool):  # noqa: ANN201
+def overlap_model(device: torch.device, smoke: bool) -> LoadedModel:
     """The default model in bfloat16 on the device (the tiny random one for the smoke run)."""
     from pensieve.bench.gpu_check_engine import default_model, tiny_model
     from pensieve.tokenizer import ChatTokenizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +183,9 @@ def check_model(loaded: LoadedModel, label: str, convs: int, turns: int) -> Outc
     return out
 
 
-def run(device: torch.device, default_dir: Path | None, smoke: bool, log) -> list[Outcome]:  # noqa: ANN001
+def run(
+    device: torch.device, default_dir: Path | None, smoke: bool, log: Callable[[str], None]
+) -> list[Outcome]:
     """The invariant for the tiny model and the default model, float32 and bfloat16 (smoke:
     the tiny model in bfloat16)."""
     if default_dir is None:

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from pensieve.actors.swapper import Swapper
 from pensieve.block_allocator import KVPool
 from pensieve.block_copy import TorchCopier
-from pensieve.messages import LayerProgress, SequenceRows, SwapOrder
+from pensieve.messages import LayerProgress, SequenceRows, SwapDone, SwapOrder
 from pensieve.paged import PagedAttentionBackend, StepMetadata
+from pensieve.runtime import LoadedModel
 from pensieve.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
+Log = Callable[[str], None]
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
@@ -71,8 +73,15 @@ class PagedBatch:
         order = random.Random(past + batch).sample(range(blocks), blocks)
         self.tables = [order[b * per_seq : (b + 1) * per_seq] for b in range(batch)]
         rows = [
-            SequenceRows(b, [0] * queries, list(range(past, self.ctx)), self.tables[b],
-                         self.ctx, False, GREEDY)  # fmt: skip
+            SequenceRows(
+                b,
+                [0] * queries,
+                list(range(past, self.ctx)),
+                self.tables[b],
+                self.ctx,
+                False,
+                GREEDY,
+            )  # fmt: skip
             for b in range(batch)
         ]
         meta = StepMetadata.build(rows, block_size, device)
@@ -120,7 +129,7 @@ class PagedBatch:
         return out.reshape(batch * queries, hq, d)
 
 
-def kernels(device: torch.device, smoke: bool, peak: float, log) -> list[dict]:  # noqa: ANN001
+def kernels(device: torch.device, smoke: bool, peak: float, log: Log) -> list[dict]:
     """The paper's shape against SDPA and copy-then-attend, then the decode grid."""
     layouts = {"9q/3kv x 64 (SmolLM2)": (9, 3, 64)}
     if not smoke:
@@ -161,13 +170,15 @@ def kernels(device: torch.device, smoke: bool, peak: float, log) -> list[dict]: 
     return results
 
 
-async def _swap(swapper: Swapper, direction: str, pairs: list, progress=None):  # noqa: ANN001, ANN202
+async def _swap(
+    swapper: Swapper, direction: str, pairs: list, progress: LayerProgress | None = None
+) -> SwapDone:
     reply = asyncio.get_running_loop().create_future()
     swapper.send(SwapOrder(direction, pairs, reply, progress))
     return await asyncio.wait_for(reply, 120)
 
 
-async def _roundtrip(device: torch.device, smoke: bool, log) -> list[dict]:  # noqa: ANN001
+async def _roundtrip(device: torch.device, smoke: bool, log: Log) -> list[dict]:
     """Swap out and back in, fragmented and as one run, with every copier this host has;
     every byte is compared and the bandwidth reported."""
     layers, blocks, n = (4, 32, 8) if smoke else (32, 512, 256)
@@ -200,10 +211,14 @@ async def _roundtrip(device: torch.device, smoke: bool, log) -> list[dict]:  # n
                 progress = LayerProgress(layers)
                 inn = await _swap(swapper, "in", list(zip(dst, back, strict=True)), progress)
                 progress.wait(layers - 1)
-                good = good and inn.error is None and all(
-                    torch.equal(dev.keys[:, b].cpu(), host.keys[:, h])
-                    and torch.equal(dev.values[:, b].cpu(), host.values[:, h])
-                    for h, b in zip(dst, back, strict=True)
+                good = (
+                    good
+                    and inn.error is None
+                    and all(
+                        torch.equal(dev.keys[:, b].cpu(), host.keys[:, h])
+                        and torch.equal(dev.values[:, b].cpu(), host.values[:, h])
+                        for h, b in zip(dst, back, strict=True)
+                    )
                 )
                 nbytes = n * dev.bytes_per_block
                 gb_out, gb_in = nbytes / out.seconds / 1e9, nbytes / inn.seconds / 1e9
@@ -217,11 +232,11 @@ async def _roundtrip(device: torch.device, smoke: bool, log) -> list[dict]:  # n
     return results
 
 
-def swaps(device: torch.device, smoke: bool, log) -> list[dict]:  # noqa: ANN001
+def swaps(device: torch.device, smoke: bool, log: Log) -> list[dict]:
     return asyncio.run(_roundtrip(device, smoke, log))
 
 
-def overlap(loaded, smoke: bool, log) -> dict:  # noqa: ANN001
+def overlap(loaded: LoadedModel, smoke: bool, log: Log) -> dict:
     """bench_swap on the given model: restore + step pipelined vs. their sum."""
     from pensieve.bench import bench_swap
 
