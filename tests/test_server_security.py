@@ -3,12 +3,13 @@ tenant on every route, model aliases, the context cap, CORS and request ids."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 
 import pytest
-from tiny_server import chat, serve_tiny
+from tiny_server import chat, serve_tiny, wait_until
 
 from pensieve.runtime import LoadedModel
 from pensieve.server.auth import ApiKeys, AuthenticationError, parse_keys, tenant_id
@@ -255,3 +256,47 @@ async def test_request_ids_are_echoed_on_every_response(
     assert status == 200
     assert "rid=client-id-0" in caplog.text
     assert re.search(r"request with-user: user='alice'", caplog.text)
+
+
+async def test_a_queued_turn_keeps_its_tenant_when_the_one_before_it_is_cancelled(
+    tiny: LoadedModel,
+) -> None:
+    """The first turn on `x` is cancelled while queued (its empty conversation is dropped); the
+    second turn queued behind it must still create `x` in its own tenant, visible to its key."""
+    async with serve_tiny(tiny, KEYS, max_running=1) as server:
+        engine = server.engine
+
+        async def waiting(n: int) -> bool:
+            return (await engine.stats()).requests_waiting == n
+
+        body = chat("busy " * 8, temperature=0, max_tokens=400, ignore_eos=True, stream=True)
+        headers = {"Authorization": f"Bearer {KEY_A}", "X-Session-ID": "busy"}
+        url = server.url + "/v1/chat/completions"
+        busy = await server.http.post(url, json=body, headers=headers)
+        assert (await busy.content.readline()).startswith(b"data:")
+        first = asyncio.ensure_future(
+            server.post("/v1/chat/completions", chat("one", **GREEDY), KEY_A, X_Session_ID="x")
+        )
+        await wait_until(lambda: waiting(1))
+        second = asyncio.ensure_future(
+            server.post("/v1/chat/completions", chat("two", **GREEDY), KEY_A, X_Session_ID="x")
+        )
+        await wait_until(lambda: waiting(2))
+        first.cancel()
+        await wait_until(lambda: waiting(1))
+        busy.close()
+        status, reply, _ = await asyncio.wait_for(second, 30)
+        assert status == 200 and reply["conversation_id"] == "x"
+        status, info = await server.get("/v1/conversations/x", KEY_A)
+        assert status == 200 and info["turns"] == 1
+        assert "x" in {c["id"] for c in (await server.get("/v1/conversations", KEY_A))[1]["data"]}
+        # still a named conversation: an anonymous resend of its history does not take it over
+        history = chat("two")["messages"] + [
+            {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "more"},
+        ]
+        status, anon, _ = await server.post(
+            "/v1/chat/completions", {"messages": history, **GREEDY}, KEY_A
+        )
+        assert status == 200 and anon["conversation_id"] != "x"
+        await engine.check_accounting()
