@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -101,36 +102,51 @@ def main(argv: list[str] | None = None) -> int:
             "nothing was checked; --cpu-smoke runs the same code at toy sizes on CPU.")  # fmt: skip
         return NO_GPU
     device = torch.device("cpu") if smoke else torch.device(args.device)
-    from pensieve.bench import gpu_check_engine, gpu_check_kernels
+    from pensieve.bench import gpu_check_kernels
 
     started = time.perf_counter()
     results: dict = {"mode": "cpu-smoke" if smoke else "gpu"}
     log(f"== 1. set-up ({results['mode']})")
     results["setup"], ok = setup(device, smoke)
+    if not ok:  # no kernel compiles: every later section would fail the same way
+        log("== gpu_check FAILED: the CUDA kernels cannot be compiled here (see kernel_compile)")
+        return 1
     peak = gpu_check_kernels.peak_copy_gbps(device, (64 if smoke else 2048) * 2**20)
     results["peak_copy_gbps"] = peak
     log(f"  peak (device-to-device copy, read + write): {peak:.1f} GB/s")
-    if "engine" not in skip:
-        log("== 2. engine invariant: stateful == stateless greedy tokens under pressure")
-        outcomes = gpu_check_engine.run(device, default_model_dir(), smoke, log)
-        results["engine"] = [o.__dict__ | {"ok": o.ok} for o in outcomes]
-        ok = ok and bool(outcomes) and all(o.ok for o in outcomes)
-    if "kernels" not in skip:
-        log("== 3. paged kernels vs torch SDPA (bfloat16)")
-        results["kernels"] = gpu_check_kernels.kernels(device, smoke, peak, log)
-        ok = ok and all(r["ok"] for r in results["kernels"])
-    if "swap" not in skip:
-        log("== 4. swapper: out and back in, every byte compared")
-        results["swap"] = gpu_check_kernels.swaps(device, smoke, log)
-        ok = ok and all(r["ok"] for r in results["swap"])
-    if "overlap" not in skip:
-        log("== 5. swap overlap: restore + step, pipelined vs their sum")
-        results["overlap"] = gpu_check_kernels.overlap(overlap_model(device, smoke), smoke, log)
+    sections = {
+        "engine": ("2. engine invariant: stateful == stateless greedy tokens under pressure",
+                   lambda: engine_section(device, smoke)),
+        "kernels": ("3. paged kernels vs torch SDPA (bfloat16)",
+                    lambda: gpu_check_kernels.kernels(device, smoke, peak, log)),
+        "swap": ("4. swapper: out and back in, every byte compared",
+                 lambda: gpu_check_kernels.swaps(device, smoke, log)),
+        "overlap": ("5. swap overlap: restore + step, pipelined vs their sum",
+                    lambda: [gpu_check_kernels.overlap(overlap_model(device, smoke), smoke, log)]),
+    }  # fmt: skip
+    for name, (title, run) in sections.items():
+        if name in skip:
+            continue
+        log(f"== {title}")
+        try:  # one section's crash is reported, and the others still run
+            rows = run()
+            results[name] = rows
+            ok = ok and bool(rows) and all(r.get("ok", True) for r in rows)
+        except Exception:
+            log(traceback.format_exc())
+            results[name], ok = {"error": traceback.format_exc()}, False
     results["seconds"], results["ok"] = time.perf_counter() - started, ok
     log(f"== gpu_check {'passed' if ok else 'FAILED'} in {results['seconds']:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0 if ok else 1
+
+
+def engine_section(device: torch.device, smoke: bool) -> list[dict]:
+    from pensieve.bench import gpu_check_engine
+
+    outcomes = gpu_check_engine.run(device, default_model_dir(), smoke, log)
+    return [o.__dict__ | {"ok": o.ok} for o in outcomes]
 
 
 def overlap_model(device: torch.device, smoke: bool) -> LoadedModel:

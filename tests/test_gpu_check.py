@@ -39,7 +39,22 @@ def test_cpu_smoke_runs_every_section(
     kinds = {r["case"] for r in results["kernels"]}
     assert kinds == {"paper", "decode"} and all(r["ok"] for r in results["kernels"])
     assert results["swap"] and all(r["ok"] for r in results["swap"])
-    assert results["overlap"]["both"] > 0
+    assert results["overlap"][0]["both"] > 0
     for heading in ("1. set-up", "2. engine", "3. paged kernels", "4. swapper", "5. swap overlap"):
         assert heading in out
     assert "gpu_check passed" in out
+
+
+def test_a_crashing_section_is_reported_and_the_others_still_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pensieve.bench import gpu_check_kernels
+
+    def broken(*args: object) -> list:
+        raise RuntimeError("injected kernel crash")
+
+    monkeypatch.setattr(gpu_check_kernels, "kernels", broken)
+    assert gpu_check.main(["--cpu-smoke", "--skip", "engine,overlap"]) == 1
+    out = capsys.readouterr().out
+    assert "injected kernel crash" in out and "every byte equal" in out
+    assert "gpu_check FAILED" in out
