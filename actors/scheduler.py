@@ -173,10 +173,10 @@ class Scheduler(DiskTier, Actor):
         elif msg.match_prefix:
             key = self.cache.resolve(msg.prompt_tokens, msg.tenant)[0]
         key = key or scoped(msg.tenant, secrets.token_hex(16))  # 128 random bits: unguessable
-        # the first request on a conversation holds it; later ones wait for it (FCFS)
-        if self.cache.acquire(key, rid, named=msg.conversation_id is not None, tenant=msg.tenant):
-            self._reading(key)  # a returning conversation's disk chunks: read them now
         seq = Sequence.from_submit(msg, key, self.max_context, self.stop_token_ids)
+        # the first request on a conversation holds it; later ones wait for it (FCFS)
+        if self.cache.acquire(key, rid, seq.named, seq.tenant):
+            self._reading(key)  # a returning conversation's disk chunks: read them now
         self.requests[rid] = seq
         self.waiting.append(seq)
         self.counters.requests += 1
@@ -311,7 +311,7 @@ class Scheduler(DiskTier, Actor):
         """Tokens it takes in this step; 0 when there is no room yet, None when its
         conversation is busy."""
         cid, cache = seq.conversation_id, self.cache
-        if not cache.acquire(cid, seq.request_id) or self._reading(cid):
+        if not cache.acquire(cid, seq.request_id, seq.named, seq.tenant) or self._reading(cid):
             return None
         target = seq.target
         _, need = cache.plan_admission(cid, target)

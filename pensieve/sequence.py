@@ -19,6 +19,8 @@ class Sequence:
     max_tokens: int
     stop_token_ids: frozenset[int]
     keep_cache: bool = True
+    tenant: str = ""  # whose conversation it continues (or creates again, if it was forgotten)
+    named: bool = False  # the client named the conversation
     arrival: float = 0.0
     generated: list[int] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)  # (token, position) to compute
@@ -37,6 +39,8 @@ class Sequence:
             max_tokens=min(msg.sampling.max_tokens or budget, budget),
             stop_token_ids=stop_token_ids,
             keep_cache=msg.keep_cache,
+            tenant=msg.tenant,
+            named=msg.conversation_id is not None,
             arrival=time.monotonic(),
         )
 
