@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in skip:
             continue
         log(f"== {title}")
+        began = time.perf_counter()
         try:  # one section's crash is reported, and the others still run
             rows = run()
             results[name] = rows
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             log(traceback.format_exc())
             results[name], ok = {"error": traceback.format_exc()}, False
+        log(f"  ({time.perf_counter() - began:.0f} s)")
     results["seconds"], results["ok"] = time.perf_counter() - started, ok
     log(f"== gpu_check {'passed' if ok else 'FAILED'} in {results['seconds']:.0f} s")
     if args.json is not None:
