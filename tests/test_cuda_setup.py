@@ -69,9 +69,9 @@ def test_the_extra_follows_torchs_cuda(
 
 PTX = """
 import json
-from numba import cuda
-from pensieve import _cuda_probe
 try:
+    from numba import cuda
+    from pensieve import _cuda_probe
     ptx, _ = cuda.compile_ptx(_cuda_probe.reverse_scale, _cuda_probe.SIGNATURE, cc=(8, 0))
     print(json.dumps({"ok": ".entry" in ptx}))
 except Exception as exc:
