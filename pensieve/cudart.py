@@ -5,7 +5,7 @@ Two things torch does not do the way the tiered cache needs:
   would pin 64 GiB per K/V tensor); `pinned_zeros` pins exactly the bytes asked for
   (`cudaHostAlloc`) and frees them when the last view of the tensor goes.
 - torch copies a strided view between host and device through a temporary, so a block's rows
-  of all layers cost one call per layer; `memcpy_2d` moves them in one `cudaMemcpy2DAsync`
+  of all layers cost one call per layer; `Memcpy2D` moves them in one `cudaMemcpy2DAsync`
   (rows = layers, pitch = one layer of the pool) on the swapper's own stream.
 
 Everything here is optional: without cuda-python (`cuda.bindings`) or when its runtime cannot
