@@ -14,6 +14,7 @@ views); on a GPU it runs on torch's current stream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -154,6 +155,17 @@ def pool_words(cache: torch.Tensor):
     return arr
 
 
+def device_context(device: torch.device):
+    """Numba's context of the tensors' GPU (conversions and launches must use it)."""
+    if SIMULATOR or device.type != "cuda":
+        return contextlib.nullcontext()
+    return cuda.gpus[device.index or 0]
+
+
+def _torch_stream(device: torch.device):
+    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -182,14 +194,21 @@ class CudaStep:
         self.hq, self.group = hq, hq // self.hkv
         self.device = k_cache.device
         if SIMULATOR or not k_cache.is_cuda:
-            sms, self.stream = cfg.sms or 132, 0
+            sms, self.stream = cfg.sms or 132, None
         else:
             sms = cfg.sms or _sm_count(self.device.index or 0)
-            self.stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            self.stream = _torch_stream(self.device)
         self.plan: AttentionPlan = plan_attention(
             *host, fmt=self.fmt, head_dim=self.head_dim, hkv=self.hkv, group=self.group,
             config=cfg, sms=sms,
         )  # fmt: skip
+        shape = (self.fmt, self.head_dim, self.block_size, self.hkv, self.group)
+        self._specs = kernel_specs(*shape, cfg)
+        with device_context(self.device):
+            self._convert(block_tables, positions, context_lens, slot_mapping)
+
+    def _convert(self, block_tables, positions, context_lens, slot_mapping) -> None:
+        """The step's metadata and scratch as kernel arguments, once."""
         p = self.plan
         self._keep = [torch.from_numpy(p.packed()).to(self.device)]
         cuts = np.cumsum([0, p.decode_items.size, p.merges.size, p.prefill_tiles.size])
@@ -201,12 +220,10 @@ class CudaStep:
         self.positions = self._int_array(positions)
         self.context_lens = self._int_array(context_lens)
         self.slots = None if slot_mapping is None else self._int_array(slot_mapping)
-        scratch = max(1, p.slots * hq)
+        scratch = max(1, p.slots * self.hq)
         f32 = {"dtype": torch.float32, "device": self.device}
         self.o_part = self._float_array(torch.empty(scratch * self.head_dim, **f32))
         self.ml_part = self._float_array(torch.empty(scratch * 2, **f32))
-        specs = kernel_specs(self.fmt, self.head_dim, self.block_size, self.hkv, self.group, cfg)
-        self._specs = specs
 
     @classmethod
     def from_tensors(
@@ -238,23 +255,19 @@ class CudaStep:
         return _array(t)
 
     def _launch(self, name: str, grid: tuple, block: int, *args) -> None:
-        kernel = compiled(*self._specs[name])
-        if SIMULATOR:
-            try:
-                kernel[grid, block](*args)
-            finally:
-                reset_simulated_warps()
-            return
-        with cuda.gpus[self.device.index or 0]:
-            kernel[grid, block, self.stream](*args)
+        _run(compiled(*self._specs[name]), grid, block, self.stream, args)
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """Paged multi-input attention of one layer; returns [T, Hq, D] in q's dtype."""
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        if q.shape[0] == 0:
-            return out
+        if q.shape[0] > 0:
+            with device_context(self.device):
+                self._attention(q, out, k_cache, v_cache, scale)
+        return out
+
+    def _attention(self, q, out, k_cache, v_cache, scale) -> None:
         qw, qs = rows_as_words(q)
         ow, os_ = rows_as_words(out)
         qa, oa = _array(qw), _array(ow)
@@ -278,7 +291,6 @@ class CudaStep:
                 "prefill", grid, cfg.prefill_threads, qa, qs, kc, vc, self.tables,
                 self.table_width, self.tiles, self.positions, self.context_lens, oa, os_, scale2,
             )  # fmt: skip
-        return out
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -288,14 +300,24 @@ class CudaStep:
             return
         if self.slots is None:
             raise ValueError("this step was built without a slot mapping")
-        _write_kv(self, k, v, k_cache, v_cache, self.slots)
+        with device_context(self.device):
+            _write_kv(k, v, k_cache, v_cache, self.slots, self.stream)
 
 
-def _write_kv(launcher, k, v, k_cache, v_cache, slots) -> None:
+def _run(kernel: Callable, grid: tuple, block: int, stream, args: tuple) -> None:
+    """Launch on `stream` (GPU), or in the simulator."""
+    if SIMULATOR:
+        try:
+            kernel[grid, block](*args)
+        finally:
+            reset_simulated_warps()
+    else:
+        kernel[grid, block, stream](*args)
+
+
+def _write_kv(k, v, k_cache, v_cache, slots, stream) -> None:
     """Launch write_kv: one thread per 16-byte vector (or word, for unaligned rows)."""
     t = k.shape[0]
-    if t == 0:
-        return
     fmt = FORMAT_NAMES[k_cache.dtype]
     _, _, hkv, d = k_cache.shape
     row_bytes = hkv * d * k_cache.element_size()
@@ -308,14 +330,7 @@ def _write_kv(launcher, k, v, k_cache, v_cache, slots) -> None:
     kernel = compiled("write_kv", fmt, d, hkv, vector)
     args = (_array(kw), np.int32(ks), _array(vw), np.int32(vs), pool_words(k_cache),
             pool_words(v_cache), slots, np.int32(t))  # fmt: skip
-    if SIMULATOR:
-        kernel[grid, WRITE_THREADS](*args)
-        return
-    stream = getattr(launcher, "stream", None) or cuda.external_stream(
-        torch.cuda.current_stream(k_cache.device).cuda_stream
-    )
-    with cuda.gpus[k_cache.device.index or 0]:
-        kernel[grid, WRITE_THREADS, stream](*args)
+    _run(kernel, grid, WRITE_THREADS, stream, args)
 
 
 def paged_attention_cuda(
@@ -364,6 +379,8 @@ def write_kv_cuda(
     if k.shape[0] == 0:
         return
     slots = slot_mapping.to(torch.int32).contiguous()
-    _write_kv(None, k, v, k_cache, v_cache, _array(slots))
+    with device_context(k_cache.device):
+        stream = None if SIMULATOR else _torch_stream(k_cache.device)
+        _write_kv(k, v, k_cache, v_cache, _array(slots), stream)
 
 

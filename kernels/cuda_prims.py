@@ -27,6 +27,31 @@ LOG2E = 1.4426950408889634
 FULL_MASK = 0xFFFFFFFF
 
 if SIMULATOR:
+    import sys
+
+    from numba.cuda.simulator import kernelapi as _kernelapi
+
+    _SHARED_LOCK = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """The simulator's `cuda.shared.array` finds a block's array by the caller's line with
+        an unlocked get-then-set, so two threads arriving together could each make their own
+        "shared" array. The same lookup, under a lock (static arrays only: ours)."""
+        if alignment is not None or shape == 0:
+            raise RuntimeError("only static, unaligned shared arrays are simulated here")
+        if not isinstance(dtype, np.dtype) and not isinstance(dtype, type):
+            from numba.np import numpy_support
+
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with _SHARED_LOCK:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    _kernelapi.FakeCUDAShared.array = _shared_array
 
     class _Warp:
         """A simulated warp: a barrier over its live lanes and the values its shuffles posted."""
