@@ -221,6 +221,7 @@ class Scheduler(DiskTier, Actor):
         plan = self._plan_rows(rows)
         rows = [(seq, take) for seq, take in rows if seq.request_id in plan]
         restores = self.cache.take_restores()
+        restoring_for = self.cache.restore_owners(restores)
         progress = LayerProgress(self.num_layers) if restores else None
         restoring = self._swap("in", restores, progress) if restores else None
         # queued behind the restore (one copy at a time), overlapping this step's compute
@@ -230,15 +231,20 @@ class Scheduler(DiskTier, Actor):
             if rows:
                 result = await self._execute(list(plan.values()), progress)
         finally:
-            restored = await self._settle("in", restores, restoring)
+            restore_error = await self._settle("in", restores, restoring)
             if ahead is not None:
                 await self._settle("out", *ahead)
         if result is None:
             return bool(restores)
-        error = result.error or (None if restored else "restoring the cached history failed")
-        if error is not None:
+        if restore_error is not None:  # the turns whose history did not land fail; the rest rerun
+            error = f"restoring the cached history failed: {restore_error}"
             for seq, _ in rows:
-                self._finish(seq, "error", error=error)
+                if seq.conversation_id in restoring_for:
+                    self._finish(seq, "error", error=error)
+            return True
+        if result.error is not None:
+            for seq, _ in rows:
+                self._finish(seq, "error", error=result.error)
             return True
         self._advance(rows, result)
         return True
@@ -392,10 +398,10 @@ class Scheduler(DiskTier, Actor):
 
     async def _settle(
         self, direction: str, pairs: list[tuple[int, int]], reply: asyncio.Future | None
-    ) -> bool:
-        """Wait for a copy and tell the cache whether it landed; True if it did."""
+    ) -> str | None:
+        """Wait for a copy and tell the cache whether it landed; None if it did, else why not."""
         if reply is None:
-            return True
+            return None
         done: SwapDone = await reply
         ok = done.error is None
         if not ok:
@@ -406,7 +412,7 @@ class Scheduler(DiskTier, Actor):
         else:
             self.cache.swap_out_done(pairs, ok)
             self.counters.swap_out_blocks += done.blocks
-        return ok
+        return done.error
 
     # ---- endings -------------------------------------------------------------------------
 

@@ -179,6 +179,10 @@ class TieredCache:
         self._restores.clear()
         return out
 
+    def restore_owners(self, pairs: Iterable[tuple[int, int]]) -> set[str]:
+        """The conversations these restores are for."""
+        return {self._restoring[d][0].id for _, d in pairs if d in self._restoring}
+
     def restore_done(self, pairs: Iterable[tuple[int, int]], ok: bool) -> None:
         """A restore ended: its device blocks now hold the KV, or (failed) go back free and
         the chunks stay host-only."""

@@ -241,12 +241,6 @@ async def test_a_restore_failing_midway_fails_its_turn_and_the_retry_recomputes(
     assert_oracle(tiny, records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the scheduler fails every row of a step whose restore failed (actors/scheduler.py "
-    "step(): `error = result.error or ...` finishes all rows); only the turns whose history "
-    "the restore carried should fail, the others should rerun their rows in the next step",
-)
 async def test_a_failed_restore_leaves_the_other_rows_of_its_step_alone(
     tiny: LoadedModel,
 ) -> None:
