@@ -169,6 +169,7 @@ COLUMNS = (
     "spill_store_bytes",
     "spill_load_bytes",
     "smem_bytes",
+    "local_ops_in_ptx",
     "int_divisions_in_ptx",
 )
 

@@ -245,7 +245,7 @@ def test_decode_kernel_keeps_everything_in_registers(workers, dtype, head_dim):
         assert row["stack_bytes"] == 0, row
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, row
         assert row["registers"] <= 128, row
-        assert row["int_divisions_in_ptx"] == 0, row
+        assert row["int_divisions_in_ptx"] == 0 and row["local_ops_in_ptx"] == 0, row
 
 
 if __name__ == "__main__":
