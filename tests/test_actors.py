@@ -47,7 +47,7 @@ def pool(blocks: int) -> KVPool:
 async def ask(actor: Actor, make, *args, **kwargs):  # noqa: ANN001, ANN201
     reply = asyncio.get_running_loop().create_future()
     actor.send(make(*args, reply=reply, **kwargs))
-    return await asyncio.wait_for(reply, 10)
+    return await asyncio.wait_for(reply, 120)  # a first step compiles kernels: slow if busy
 
 
 class Recorder(Actor):

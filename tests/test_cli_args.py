@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def other_value(field: dataclasses.Field, hint: object) -> tuple[list[str], obje
     return [flag, str(value)], value
 
 
-def test_every_engine_config_field_has_a_flag_and_env_var() -> None:
+def test_every_engine_config_field_has_a_flag_and_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("PENSIEVE_")]:  # e.g. a CI cache dir
+        monkeypatch.delenv(name)
     hints = typing.get_type_hints(EngineConfig)
     parser = engine_parser()
     defaults = engine_config_from_args(parser.parse_args([]))
