@@ -193,11 +193,8 @@ class CudaStep:
         log2_exact(self.block_size, "block size")
         self.hq, self.group = hq, hq // self.hkv
         self.device = k_cache.device
-        if SIMULATOR or not k_cache.is_cuda:
-            sms, self.stream = cfg.sms or 132, None
-        else:
-            sms = cfg.sms or _sm_count(self.device.index or 0)
-            self.stream = _torch_stream(self.device)
+        on_gpu = k_cache.is_cuda and not SIMULATOR
+        sms = cfg.sms or (_sm_count(self.device.index or 0) if on_gpu else 132)
         self.plan: AttentionPlan = plan_attention(
             *host, fmt=self.fmt, head_dim=self.head_dim, hkv=self.hkv, group=self.group,
             config=cfg, sms=sms,
@@ -205,6 +202,7 @@ class CudaStep:
         shape = (self.fmt, self.head_dim, self.block_size, self.hkv, self.group)
         self._specs = kernel_specs(*shape, cfg)
         with device_context(self.device):
+            self.stream = _torch_stream(self.device) if on_gpu else None
             self._convert(block_tables, positions, context_lens, slot_mapping)
 
     def _convert(self, block_tables, positions, context_lens, slot_mapping) -> None:

@@ -13,13 +13,18 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pensieve import kernels
 from pensieve.block_allocator import KVPool
 from pensieve.kernels._args import check_paged_attention, check_write_kv
+from pensieve.kernels.cuda_plan import LaunchConfig
 from pensieve.messages import SequenceRows
+
+if TYPE_CHECKING:
+    from pensieve.kernels.cuda_attention import CudaStep
 
 
 def kernel_debug() -> bool:
@@ -93,15 +98,15 @@ class PagedAttentionBackend:
         *,
         debug: bool | None = None,
         cuda_kernels: bool | None = None,
-        cuda_config=None,
+        cuda_config: LaunchConfig | None = None,
     ):
         self.pool = pool
         self.meta = meta
         self.wait_for_layer = wait_for_layer
         self.debug = kernel_debug() if debug is None else debug
         self.cuda_kernels = pool.keys.is_cuda if cuda_kernels is None else cuda_kernels
-        self.cuda_config = cuda_config  # a kernels.cuda_plan.LaunchConfig, or the default
-        self._cuda_step = None  # kernels.cuda_attention.CudaStep, built at the first layer
+        self.cuda_config = cuda_config  # None: the kernels' default launch shape
+        self._cuda_step: CudaStep | None = None  # built at the first layer
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.wait_for_layer is not None:
@@ -130,9 +135,9 @@ class PagedAttentionBackend:
             validate=False,
         )
 
-    def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor):
+    def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor) -> CudaStep:
         """The CUDA kernels' state for this step: plans and conversions done once."""
-        from pensieve.kernels.cuda_attention import CudaStep
+        from pensieve.kernels.cuda_attention import CudaStep  # imports numba.cuda: only here
 
         m = self.meta
         host = m.host
