@@ -111,7 +111,7 @@ class TieredCache:
             self._free_chunk(ch, conv)
         self.prefixes.remove(cid)
         self._reindex(conv)
-        if conv.stale_files or conv.turns:  # its record on disk (if any) goes too
+        if conv.on_disk:  # its record and files go too
             self.forgotten.append((cid, conv.stale_files))
 
     # ---- admission and progress ---------------------------------------------------------

@@ -38,6 +38,7 @@ class Conversation:
     tenant: str = ""  # whose it is: only that tenant's requests see or continue it
     loading: bool = False  # its disk chunks are being read back: not admitted until done
     stale_files: list[str] = field(default_factory=list)  # chunk files its record may still name
+    on_disk: bool = False  # a record of it was (or is being) committed to the disk tier
 
     def tier_tokens(self, block_size: int) -> tuple[int, int, int, int]:
         """(device, host-only, disk-only, dropped) token counts."""

@@ -76,6 +76,7 @@ class DurableCache(TieredCache):
             cid, list(conv.tokens), conv.last_prompt_len, conv.named, conv.tenant, conv.turns, refs
         )
         stale, conv.stale_files = conv.stale_files, []
+        conv.on_disk = True
         return record, writes, stale
 
     def _disk_room(self) -> bool:
@@ -197,6 +198,7 @@ class DurableCache(TieredCache):
         conv.last_prompt_len = min(record.last_prompt_len, len(tokens))
         conv.named, conv.tenant, conv.turns = record.named, record.tenant, record.turns
         conv.stale_files = [r.uid for r in refs[end:] if r is not None]
+        conv.on_disk = True  # restored from a record, or about to be committed (import)
         self.conversations[record.key] = conv
         self.disk_used += end - first
         if not conv.named:

@@ -245,3 +245,10 @@ def test_lookups_do_not_scan_10000_stored_conversations(monkeypatch: pytest.Monk
     assert len(copies) == 8 and cache.reclaim(8) == 8
     assert calls["runs"] <= 3 * 8  # re-indexing the conversations it touched, nothing else
     cache.check()
+
+
+def test_forgetting_a_conversation_never_on_disk_leaves_no_disk_work() -> None:
+    cache, _ = make_cache()
+    serve(cache, "gone", list(range(10)))
+    cache.delete("\x00gone" if "\x00gone" in cache.conversations else "gone")
+    assert cache.forgotten == []  # nothing to delete on disk: nothing queued (no growth)
