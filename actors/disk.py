@@ -46,7 +46,11 @@ class DiskActor(Actor):
             message.reply.set_result(done)
         elif isinstance(message, LoadOrder):
             started = time.perf_counter()
-            failed = await loop.run_in_executor(self.worker, self.load, message)
+            try:
+                failed = await loop.run_in_executor(self.worker, self.load, message)
+            except Exception:  # answered all the same: an unanswered order stalls shutdown
+                log.exception("reading %r back failed", message.key)
+                failed = [index for index, _, _ in message.loads]
             seconds = time.perf_counter() - started
             message.reply.set_result(LoadDone(message.key, message.loads, failed, seconds))
         elif isinstance(message, ForgetOnDisk):
