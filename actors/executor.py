@@ -23,10 +23,11 @@ from pensieve.sampling import RequestSampler, Sampled
 class Executor(Actor):
     name = "executor"
 
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool):
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, deterministic: bool = False):
         super().__init__()
         self.model = model
         self.pool = pool
+        self.deterministic = deterministic  # attention in its batch-invariant order
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-compute")
         self.samplers: dict[int, RequestSampler] = {}  # request id -> its sampling state
 
@@ -48,7 +49,7 @@ class Executor(Actor):
         device = self.model.device
         meta = StepMetadata.build(plan.rows, self.pool.keys.shape[2], device)
         wait = plan.restore.wait if plan.restore is not None else None
-        backend = PagedAttentionBackend(self.pool, meta, wait)
+        backend = PagedAttentionBackend(self.pool, meta, wait, deterministic=self.deterministic)
         tokens = [t for seq in plan.rows for t in seq.tokens]
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         hidden = self.model(ids, meta.positions.long(), backend)

@@ -52,6 +52,7 @@ def paged_attention(
     scale: float,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Multi-input paged attention; returns [T, Hq, D] in q's dtype.
 
@@ -60,10 +61,17 @@ def paged_attention(
     block_tables[b, p // block_size], offset p % block_size. Covers decode, prefill, prefill
     over a cached history and several query ranges over one context, in one call. Raises
     ValueError on inconsistent arguments unless `validate=False`.
+
+    `deterministic`: every row is reduced in one order that depends only on its own position and
+    keys (key tiles aligned to absolute block boundaries), never on the other rows of the call;
+    on CPU that is the Numba kernel for every row (no SDPA hand-off for long query ranges).
     """
     args = (q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale)
     if q.is_cuda:
         from .cuda_attention import paged_attention_cuda
 
+        if deterministic:
+            raise NotImplementedError("batch-invariant attention is built for CPU only so far")
         return paged_attention_cuda(*args, validate=validate)
-    return paged_attention_cpu(*args, validate=validate)
+    impl = "numba" if deterministic else "auto"
+    return paged_attention_cpu(*args, validate=validate, impl=impl)

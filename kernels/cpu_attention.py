@@ -184,23 +184,6 @@ def _values_pair(s, r, vs, vb, vh, acc, width):
 
 
 @njit(**_FAST)
-def _scores_row(qf, r, ks, kb, kh, s, nv):
-    for j in range(nv):
-        t = np.float32(0.0)
-        for e in range(qf.shape[1]):
-            t += qf[r, e] * ks[kb, j, kh, e]
-        s[r, j] = t
-
-
-@njit(**_FAST)
-def _values_row(s, r, vs, vb, vh, acc, nv):
-    for j in range(nv):
-        p = s[r, j]
-        for e in range(acc.shape[1]):
-            acc[r, e] += p * vs[vb, j, vh, e]
-
-
-@njit(**_FAST)
 def _softmax_step(s, r, nv, width, m, den, acc):
     """Online softmax over this tile's first nv scores of row r; zero the rest up to width."""
     if nv <= 0:  # this row sees none of the tile's keys
@@ -232,12 +215,15 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
     block_size = kc.shape[1]
     width = (block_size + 3) // 4 * 4
     rows = (hi - lo) * group
-    qf = np.empty((rows, d), np.float32)
-    acc = np.zeros((rows, d), np.float32)
-    m = np.full(rows, _NEG, np.float32)
-    den = np.zeros(rows, np.float32)
-    limit = np.empty(rows, np.int64)
-    s = np.empty((rows, width), np.float32)
+    # Rows go through the pair loops two at a time; an odd count gets a discarded twin of its
+    # last row, so every row takes the same code (and sums in the same order) wherever it sits.
+    paired = rows + rows % 2
+    qf = np.empty((paired, d), np.float32)
+    acc = np.zeros((paired, d), np.float32)
+    m = np.full(paired, _NEG, np.float32)
+    den = np.zeros(paired, np.float32)
+    limit = np.empty(paired, np.int64)
+    s = np.empty((paired, width), np.float32)
     kbuf = np.empty((1, width, 1, d), np.float32)
     vbuf = np.empty((1, width, 1, d), np.float32)
     kmax = 0
@@ -249,13 +235,17 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
             limit[r] = lim
             for e in range(d):
                 qf[r, e] = q[lo + i, h * group + g, e] * c
+    if paired > rows:
+        limit[rows] = limit[rows - 1]
+        for e in range(d):
+            qf[rows, e] = qf[rows - 1, e]
     for start in range(0, kmax, block_size):
         if start + block_size < kmax:
             _prefetch_block(kc, vc, table[start // block_size + 1], h)
         n = min(block_size, kmax - start)
         ks, kb, kh = _key_tile(kc, table[start // block_size], h, n, fmt, kbuf)
         vs, vb, vh = _key_tile(vc, table[start // block_size], h, n, fmt, vbuf)
-        for r in range(0, rows - 1, 2):
+        for r in range(0, paired, 2):
             nv0 = min(n, limit[r] - start)
             nv1 = min(n, limit[r + 1] - start)
             if nv0 <= 0 and nv1 <= 0:
@@ -265,12 +255,6 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
             _softmax_step(s, r, max(nv0, 0), cols, m, den, acc)
             _softmax_step(s, r + 1, max(nv1, 0), cols, m, den, acc)
             _values_pair(s, r, vs, vb, vh, acc, cols)
-        if rows % 2:
-            nv = min(n, limit[rows - 1] - start)
-            if nv > 0:
-                _scores_row(qf, rows - 1, ks, kb, kh, s, nv)
-                _softmax_step(s, rows - 1, nv, nv, m, den, acc)
-                _values_row(s, rows - 1, vs, vb, vh, acc, nv)
     for i in range(hi - lo):
         for g in range(group):
             r = i * group + g

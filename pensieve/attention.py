@@ -25,12 +25,15 @@ class ContiguousKV:
     """Single-sequence contiguous KV cache: the reference path every cached path is checked against.
 
     Tokens are appended in position order; each new query token at position p attends to every
-    cached position <= p.
+    cached position <= p. With `block_size` the rows are read as consecutive blocks of that size
+    by the paged kernel in its batch-invariant order (the order of `--deterministic`: the oracle
+    of the bitwise tests); without, by torch's SDPA (an independent implementation).
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, block_size: int | None = None):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.block_size = block_size
 
     def __len__(self) -> int:
         k = self.keys[0]
@@ -41,7 +44,41 @@ class ContiguousKV:
         keys = k if past_k is None else torch.cat([past_k, k])
         values = v if past_v is None else torch.cat([past_v, v])
         self.keys[layer], self.values[layer] = keys, values
-        return sdpa_causal(q, keys, values, query_offset=keys.shape[0] - q.shape[0])
+        if self.block_size is None:
+            return sdpa_causal(q, keys, values, query_offset=keys.shape[0] - q.shape[0])
+        return paged_over_contiguous(q, keys, values, self.block_size)
+
+
+def paged_over_contiguous(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The last q.shape[0] positions of one sequence attending through the paged kernel, its
+    rows [S, Hkv, D] seen as blocks 0, 1, 2, ... (the last zero-padded)."""
+    from pensieve import kernels  # the kernels import this module's siblings: import late
+
+    s = keys.shape[0]
+    pad = -s % block_size
+    blocks = -(-s // block_size)
+
+    def paged(rows: torch.Tensor) -> torch.Tensor:
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))])
+        return rows.view(blocks, block_size, *rows.shape[1:])
+
+    device = q.device
+    t = q.shape[0]
+    return kernels.paged_attention(
+        q,
+        paged(keys),
+        paged(values),
+        torch.arange(blocks, dtype=torch.int32, device=device)[None],
+        torch.tensor([0, t], dtype=torch.int32, device=device),
+        torch.arange(s - t, s, dtype=torch.int32, device=device),
+        torch.tensor([s], dtype=torch.int32, device=device),
+        1.0 / math.sqrt(q.shape[-1]),
+        validate=False,
+        deterministic=True,
+    )
 
 
 def sdpa_causal(

@@ -100,3 +100,8 @@ class EngineConfig:
     max_model_len: int | None = None  # cap on prompt + reply tokens (None: the model's window)
     state_dir: str | None = None  # keep conversations on disk here, across restarts (off: None)
     disk_cache_tokens: int = 262144  # disk tier capacity (with state_dir)
+    kv_events_endpoint: str | None = None  # ZMQ PUB address for KV events (tcp://*:5557; off: None)
+    kv_events_replay_endpoint: str | None = None  # ZMQ ROUTER address answering event replays
+    kv_events_block_size: int = 16  # tokens per KV event block (vllm-router --kv-event-block-size)
+    # batch-invariant forward: a token's logits do not depend on its batch, tier or chunking
+    deterministic: bool = False

@@ -27,6 +27,7 @@ from pensieve.actors.executor import Executor
 from pensieve.actors.scheduler import Scheduler
 from pensieve.actors.session_manager import SessionManager
 from pensieve.actors.swapper import Swapper
+from pensieve.batch_invariant import make_batch_invariant
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
@@ -41,6 +42,7 @@ from pensieve.errors import (
     from_info,
 )
 from pensieve.export import decode_export, encode_export, profile_disk_read
+from pensieve.kv_events import KvEventTracker
 from pensieve.messages import (
     Cancel,
     CheckAccounting,
@@ -178,6 +180,14 @@ class Engine:
         if self._loaded is None:
             self._loaded = await asyncio.to_thread(load_pretrained, cfg)
         model = self._loaded.model
+        if cfg.deterministic and model.device.type != "cpu":
+            raise InvalidRequestError(
+                "--deterministic is built for CPU only so far", param="deterministic"
+            )
+        linears = await asyncio.to_thread(make_batch_invariant, model, cfg.deterministic)
+        if cfg.deterministic:
+            tiled = sorted(name for name, how in linears.items() if how == "tiles")
+            log.info("deterministic: %d of %d matmuls in fixed tiles", len(tiled), len(linears))
         mc = model.config
         self.max_context = mc.max_position_embeddings
         if self._cost_model is None:
@@ -207,6 +217,7 @@ class Engine:
         self._layout = (layers, mc.num_key_value_heads, mc.head_dim)
         pools = {"device": device_pool, "host": host_pool}
         disk = None
+        kv_events = KvEventTracker.from_config(cfg)  # None unless --kv-events-endpoint
         if cfg.state_dir is not None:
             if host_pool is None:
                 raise InvalidRequestError(
@@ -221,6 +232,7 @@ class Engine:
                 disk_blocks=max(1, cfg.disk_cache_tokens // cfg.block_size),
                 read_seconds=read_seconds,
             )  # fmt: skip
+            cache.listener = kv_events  # restored conversations are announced too
             for record in records:
                 cache.restore_record(record)  # type: ignore[attr-defined]
             log.info("state dir %s: %d conversations restored", cfg.state_dir, len(records))
@@ -229,10 +241,13 @@ class Engine:
             cache = DurableCache(
                 cfg.block_size, device_blocks, host_blocks, self._cost_model, disk_blocks=0
             )
+            cache.listener = kv_events
         stop_ids = frozenset(self._loaded.tokenizer.eos_token_ids)
-        self._scheduler = Scheduler(cache, cfg, self.max_context, stop_ids, layers, pools)
+        self._scheduler = Scheduler(
+            cache, cfg, self.max_context, stop_ids, layers, pools, kv_events=kv_events
+        )
         swapper = Swapper(device_pool, host_pool)
-        executor = Executor(model, device_pool)
+        executor = Executor(model, device_pool, deterministic=cfg.deterministic)
         self._sessions = SessionManager(
             self._loaded.tokenizer, self._scheduler, self.max_context, cfg.mode == "stateless"
         )

@@ -88,6 +88,7 @@ class PagedAttentionBackend:
     `wait_for_layer(i)` blocks until layer i's restored KV has arrived (pipelined swap-in):
     layer i's attention waits only for layer i's copy. `cuda_kernels` forces the CUDA kernels
     on or off (default: by the pool's device; the simulator tests force them on CPU tensors).
+    `deterministic` asks for the kernels' batch-invariant order (`kernels.paged_attention`).
     """
 
     def __init__(
@@ -99,8 +100,10 @@ class PagedAttentionBackend:
         debug: bool | None = None,
         cuda_kernels: bool | None = None,
         cuda_config: LaunchConfig | None = None,
+        deterministic: bool = False,
     ):
         self.pool = pool
+        self.deterministic = deterministic
         self.meta = meta
         self.wait_for_layer = wait_for_layer
         self.debug = kernel_debug() if debug is None else debug
@@ -133,6 +136,7 @@ class PagedAttentionBackend:
             m.context_lens,
             scale,
             validate=False,
+            deterministic=self.deterministic,
         )
 
     def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor) -> CudaStep:

@@ -20,15 +20,19 @@ def generate_tokens(
     prompt: list[int],
     sampling: SamplingParams,
     stop_token_ids: Iterable[int] = (),
+    block_size: int | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids until EOS (unless ignore_eos), max_tokens or the context end."""
+    """Yield generated token ids until EOS (unless ignore_eos), max_tokens or the context end.
+
+    `block_size`: attend in the paged kernel's batch-invariant order over blocks of that size
+    (the engine's, for bitwise comparisons with `--deterministic`); None: torch SDPA."""
     if not prompt:
         raise ValueError("the prompt is empty")
     max_context = model.config.max_position_embeddings
     limit = min(sampling.max_tokens or max_context, max_context - len(prompt))
     stops = frozenset(stop_token_ids)
     sampler = RequestSampler(sampling, model.device)
-    kv = ContiguousKV(model.config.num_hidden_layers)
+    kv = ContiguousKV(model.config.num_hidden_layers, block_size)
     inputs = torch.tensor(prompt, dtype=torch.long, device=model.device)
     position = 0
     for _ in range(max(limit, 0)):
@@ -47,5 +51,6 @@ def reference_generate(
     prompt: list[int],
     sampling: SamplingParams,
     stop_token_ids: Iterable[int] = (),
+    block_size: int | None = None,
 ) -> list[int]:
-    return list(generate_tokens(model, prompt, sampling, stop_token_ids))
+    return list(generate_tokens(model, prompt, sampling, stop_token_ids, block_size))
