@@ -28,6 +28,9 @@ class Executor(Actor):
         self.model = model
         self.pool = pool
         self.deterministic = deterministic  # attention in its batch-invariant order
+        # torch's thread count where the engine was built, for the compute thread too (a new
+        # thread may start with another; the count decides how torch splits its reductions)
+        self.threads = torch.get_num_threads()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-compute")
         self.samplers: dict[int, RequestSampler] = {}  # request id -> its sampling state
 
@@ -46,6 +49,7 @@ class Executor(Actor):
 
     def run_step(self, plan: StepPlan) -> StepResult:
         started = time.perf_counter()
+        torch.set_num_threads(self.threads)
         device = self.model.device
         meta = StepMetadata.build(plan.rows, self.pool.keys.shape[2], device)
         wait = plan.restore.wait if plan.restore is not None else None

@@ -21,7 +21,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import get_parallel_chunksize, njit, prange, set_parallel_chunksize, types
+from numba import (
+    config,
+    get_parallel_chunksize,
+    njit,
+    prange,
+    set_num_threads,
+    set_parallel_chunksize,
+    types,
+)
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -283,7 +291,12 @@ def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, skip, o
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:
-    """The pool as numpy without a copy: 16-bit floats as their uint16 bits."""
+    """The pool as numpy without a copy: 16-bit floats as their uint16 bits.
+
+    Only a contiguous pool: a strided one would compile a second specialisation of the kernel,
+    whose sums run in another order (and `deterministic` promises one order)."""
+    if not t.is_contiguous():
+        raise ValueError("the KV pool must be contiguous")
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.uint16).numpy()
 
 
@@ -334,8 +347,13 @@ def _run_kernel(args: tuple, query_tile: int | None, skip: np.ndarray, out: torc
     """The Numba kernel into the float32 `out` for every sequence not skipped."""
     q, k_cache, v_cache, tables, starts, positions, context_lens, scale = args
     group = q.shape[1] // k_cache.shape[2]
+    # As many threads as torch is set to use. Numba's OpenMP layer, when it starts in a thread,
+    # sets that thread's OpenMP count to its own, which would silently change torch's (and with
+    # it the order of torch's parallel reductions) from then on: read first, restored below.
+    threads = torch.get_num_threads()
     previous = get_parallel_chunksize()
     set_parallel_chunksize(1)  # work items differ in cost: hand them out one by one
+    set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
     try:
         _paged_attention(
             q.to(torch.float32).contiguous().numpy(),
@@ -350,6 +368,7 @@ def _run_kernel(args: tuple, query_tile: int | None, skip: np.ndarray, out: torc
         )
     finally:
         set_parallel_chunksize(previous)
+        torch.set_num_threads(threads)
 
 
 def write_kv_cpu(

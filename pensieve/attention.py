@@ -63,7 +63,8 @@ def paged_over_contiguous(
     def paged(rows: torch.Tensor) -> torch.Tensor:
         if pad:
             rows = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))])
-        return rows.view(blocks, block_size, *rows.shape[1:])
+        # contiguous like a pool (a first prefill's keys are a strided view of the projection)
+        return rows.contiguous().view(blocks, block_size, *rows.shape[1:])
 
     device = q.device
     t = q.shape[0]
