@@ -25,6 +25,7 @@ from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
 from pensieve.errors import OverloadedError, to_info
+from pensieve.kv_events import KvEventTracker
 from pensieve.messages import (
     Accepted,
     Cancel,
@@ -73,8 +74,10 @@ class Scheduler(DiskTier, Actor):
         stop_token_ids: frozenset[int],
         num_layers: int,
         pools: dict | None = None,
+        kv_events: KvEventTracker | None = None,
     ):
         super().__init__()
+        self.kv_events = kv_events  # tier moves published to vllm-router (kv_aware); None: off
         self.pools = pools  # the KV pools, read between steps only to export and import
         self.cache = cache
         self.config = config
@@ -104,6 +107,8 @@ class Scheduler(DiskTier, Actor):
 
     async def run(self) -> None:
         while True:
+            if self.kv_events is not None:  # what the last step or messages moved between tiers
+                self.kv_events.flush(self.cache.conversations)
             if not self.waiting and not self.running:
                 await self._on(await self.mailbox.get())
             while not self.mailbox.empty():
@@ -159,6 +164,8 @@ class Scheduler(DiskTier, Actor):
                 self._finish(seq, "cancelled")
             while self.disk_pending:  # drain: every finished turn is committed to disk
                 await self.handle(await self.mailbox.get())
+            if self.kv_events is not None:  # subscribers hear that this worker's blocks are gone
+                await asyncio.to_thread(self.kv_events.close)
             message.reply.set_result(None)
 
     def _submit(self, msg: Submit) -> None:

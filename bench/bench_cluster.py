@@ -10,7 +10,8 @@ the points are compared on the same workloads; the table gives the mean and the 
 the repeats. The figures that matter: affinity hits (the share of later turns that found at
 least their previous prompt cached, i.e. reached the replica holding their conversation) and
 the cached share (cached / prompt tokens over all turns); one replica is the ceiling, round
-robin the contrast. Throughput is printed too, but
+robin the contrast. kv_aware routes on the KV events the workers publish (`pensieve cluster`
+wires them). Throughput is printed too, but
 on a machine where the replicas share the same cores it is not a scaling figure.
 """
 
@@ -48,6 +49,7 @@ POINTS = {
         Point("1x vllm", 1, "vllm", "cache_aware", ()),
         Point("2x vllm consistent_hash (session)", 2, "vllm", "consistent_hash", ("X-Session-ID",)),
         Point("2x vllm cache_aware (history)", 2, "vllm", "cache_aware", ()),
+        Point("2x vllm kv_aware (history)", 2, "vllm", "kv_aware", ()),
         Point("2x vllm round_robin", 2, "vllm", "round_robin", ()),
     ]
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from pensieve.block_allocator import BlockAllocator, OutOfBlocks
 from pensieve.conversation import Admission, Chunk, Conversation
@@ -29,6 +30,15 @@ KINDS = ("disk_drop", "host_reclaim", "host_drop", "reclaim", "swap", "drop")
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class TierListener(Protocol):
+    """Told which conversations' chunks may have changed tier (the scheduler's KV events)."""
+
+    def changed(self, cid: str) -> None: ...
+
+    def grew(self, cid: str) -> None:  # only tokens were appended, on the device
+        ...
 
 
 class TieredCache:
@@ -56,6 +66,7 @@ class TieredCache:
         self._deferred: list[tuple[str, int]] = []  # freed while busy: freed when the copy ends
         self.disk_used = 0  # chunks with a disk file, written or being written
         self.forgotten: list[tuple[str, list[str]]] = []  # deleted conversations' disk files
+        self.listener: TierListener | None = None
 
     # ---- ownership ------------------------------------------------------------------------
 
@@ -171,6 +182,7 @@ class TieredCache:
         conv.last_prompt_len = len(target)
         pending = [(target[p], p) for p in range(recompute)]
         pending += [(target[p], p) for p in range(lcp, len(target))]
+        self._moved(conv)
         return Admission(pending, swap_in, lcp - recompute, recompute)
 
     def take_restores(self) -> list[tuple[int, int]]:
@@ -196,6 +208,7 @@ class TieredCache:
             if not ok:
                 self._free_block("device", device)
                 ch.device = None
+            self._moved(conv)  # type: ignore[arg-type]
         self._free_deferred()
 
     def _truncate(self, conv: Conversation, n_tokens: int) -> None:
@@ -216,6 +229,7 @@ class TieredCache:
     def commit(self, cid: str, inputs: list[tuple[int, int]]) -> None:
         """Record that the KV of these (token, position) inputs is now written."""
         conv = self.conversations[cid]
+        recomputing = conv.recompute_end > 0
         for token, pos in inputs:
             if pos < conv.recompute_end:
                 conv.recomputed = max(conv.recomputed, pos + 1)
@@ -226,6 +240,10 @@ class TieredCache:
         if conv.recompute_end and conv.recomputed >= conv.recompute_end:
             conv.dropped = conv.recompute_end = conv.recomputed = 0
         conv.last_active = self.clock()
+        if recomputing:  # the recomputed range is at the front
+            self._moved(conv)
+        elif self.listener is not None:
+            self.listener.grew(cid)
 
     def block_table(self, cid: str) -> list[int]:
         return [ch.device if ch.device is not None else -1 for ch in self.conversations[cid].chunks]
@@ -319,8 +337,14 @@ class TieredCache:
             "drop": (d, run(d, device_only) - d),
         }
 
+    def _moved(self, conv: Conversation) -> None:
+        if self.listener is not None:
+            self.listener.changed(conv.id)
+
     def _reindex(self, conv: Conversation) -> None:
-        """Refresh the conversation's eviction candidates (none while running or deleted)."""
+        """Refresh the conversation's eviction candidates (none while running or deleted); every
+        tier move of an idle conversation passes here, so the listener hears of it too."""
+        self._moved(conv)
         live = not (conv.running or conv.loading) and self.conversations.get(conv.id) is conv
         runs = self._runs(conv) if live else dict.fromkeys(KINDS, (0, 0))
         for kind, (first, count) in runs.items():

@@ -9,6 +9,10 @@ Start-up: every worker gets a free loopback port and its log file; once all answ
 router's /readiness counts every worker healthy. SIGTERM or SIGINT stops the router first (no
 new traffic), then the workers (each drains its in-flight replies), then kills what is left.
 If any process exits on its own, the others are stopped too and the command fails.
+
+With `--router vllm --policy kv_aware` every worker publishes its KV events on a loopback ZMQ
+port of its own (`--kv-events-endpoint`, pensieve/kv_events.py) and the router subscribes to
+each (`--kv-event-source URL=ENDPOINT`), so it routes on where the KV really is.
 """
 
 from __future__ import annotations
@@ -108,6 +112,34 @@ def model_alias_args(serve_args: list[str]) -> list[str]:
         config = engine_config_from_args(args)
         names.insert(0, load_config(resolve_model(config.model, cache_dir=config.cache_dir)).name)
     return [a for name in names for a in ("--served-model-name", name)]
+
+
+def kv_event_args(serve_args: list[str]) -> tuple[list[str], list[str], int]:
+    """Per worker, the serve flags of its own loopback event sockets, and the event block size
+    the router must be told (the workers' --kv-events-block-size)."""
+    from pensieve.cli_args import parse_args
+
+    block_size = parse_args(_serve_parser(), serve_args).kv_events_block_size
+    endpoint, replay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    flags = ["--kv-events-endpoint", endpoint, "--kv-events-replay-endpoint", replay]
+    return flags, [endpoint, replay], block_size
+
+
+def kv_event_router_args(
+    worker_urls: list[str],
+    endpoints: list[str],
+    block_size: int,
+    replay_endpoints: list[str] | None = None,
+) -> list[str]:
+    """vllm-router's flags for static KV event sources: one per worker, its block size, and a
+    model identity (required; any name does, the workers share one model)."""
+    args = []
+    for url, endpoint in zip(worker_urls, endpoints, strict=True):
+        args += ["--kv-event-source", f"{url}={endpoint}"]
+    if replay_endpoints is not None:
+        for url, endpoint in zip(worker_urls, replay_endpoints, strict=True):
+            args += ["--kv-event-replay-source", f"{url}={endpoint}"]
+    return args + ["--kv-event-block-size", str(block_size), "--kv-event-model", "pensieve"]
 
 
 def worker_command(port: int, serve_args: list[str]) -> list[str]:
@@ -212,11 +244,21 @@ class Cluster:
         serve_args = list(cfg.serve_args)
         if cfg.router == "sglang":
             serve_args += await asyncio.to_thread(model_alias_args, serve_args)
+        kv_events = cfg.router == "vllm" and cfg.policy == "kv_aware"
+        sockets: list[list[str]] = []  # per worker: its event and replay endpoints
+        router_args = list(cfg.router_args)
         deadline = time.monotonic() + cfg.startup_timeout_s
         for i in range(cfg.replicas):
-            port = free_port()
-            self.workers.append(self._spawn(f"worker-{i}", worker_command(port, serve_args)))
+            port, own = free_port(), []
+            if kv_events:
+                own, endpoints, block_size = await asyncio.to_thread(kv_event_args, serve_args)
+                sockets.append(endpoints)
+            command = worker_command(port, serve_args + own)
+            self.workers.append(self._spawn(f"worker-{i}", command))
             self.worker_urls.append(f"http://127.0.0.1:{port}")
+        if kv_events:
+            pub, replay = [s[0] for s in sockets], [s[1] for s in sockets]
+            router_args += kv_event_router_args(self.worker_urls, pub, block_size, replay)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             await asyncio.gather(
                 *(
@@ -232,7 +274,7 @@ class Cluster:
                 port,
                 cfg.policy,
                 free_port(),
-                cfg.router_args,
+                router_args,
             )
             self.router = self._spawn("router", command)
             connect_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host

@@ -184,11 +184,12 @@ async def two_workers(tiny: LoadedModel) -> AsyncIterator[list[str]]:
 
 @contextlib.asynccontextmanager
 async def router_process(
-    router: str, policy: str, worker_urls: list[str], log_path: Path
+    router: str, policy: str, worker_urls: list[str], log_path: Path, extra: list[str] | None = None
 ) -> AsyncIterator[str]:
     """A router in front of worker_urls; yields its URL once it counts them all healthy."""
     port = free_port()
-    command = router_command(router, worker_urls, "127.0.0.1", port, policy, free_port(), [])
+    metrics = free_port()
+    command = router_command(router, worker_urls, "127.0.0.1", port, policy, metrics, extra or [])
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

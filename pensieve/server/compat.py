@@ -11,6 +11,10 @@ Both routers were written for SGLang and vLLM workers. What they ask a worker fo
   load that tokenizer (from the Hugging Face hub for a bare name), which it does not need.
 - Both routers' `power_of_two` policy polls GET /get_load every few seconds: a list with one
   entry per data-parallel rank, of which they sum `num_tokens`.
+- vllm-router's cache_aware and kv_aware policies render each request on a worker first
+  (POST /v1/chat/completions/render, /v1/completions/render, as vLLM answers them) and match on
+  the token ids: with kv_aware, against the blocks the workers announce (pensieve/kv_events.py).
+  The ids are exactly those the engine will cache for the prompt.
 - Both routers parse each generation request into their own request type and forward it
   re-serialized, with SGLang/vLLM fields added at their neutral values (`skip_special_tokens:
   true`, `no_stop_trim: false`, ...). Pensieve refuses fields it does not know, so a middleware
@@ -26,6 +30,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from pensieve.server.completions import CompletionRequest
+from pensieve.server.openai_schema import decode_chat_request, decode_request, new_completion_id
 from pensieve.server.state import STATE, Handler, json_response
 
 # The fields sglang-router (0.3) and vllm-router (0.1) add to every chat or text completion, with
@@ -40,7 +46,14 @@ ROUTER_NEUTRAL_FIELDS: dict[str, bool] = {
     "include_reasoning": True,
     "echo": False,
 }
-_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_GENERATION_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/chat/completions/render",
+        "/v1/completions/render",
+    }
+)
 _FIELD_MARKS = tuple(f'"{name}"'.encode() for name in ROUTER_NEUTRAL_FIELDS)
 
 
@@ -128,6 +141,27 @@ async def get_load(request: web.Request) -> web.Response:
     return json_response([load])
 
 
+async def render_chat(request: web.Request) -> web.Response:
+    """vLLM's chat render: the prompt's token ids (chat template applied) without generating."""
+    state = request.app[STATE]
+    engine = state.ready_engine()
+    req = decode_chat_request(await request.read())
+    model = state.check_model(req.model, engine)
+    tokens = engine.tokenizer.encode_chat(req.engine_messages())
+    return json_response({"request_id": new_completion_id(), "token_ids": tokens, "model": model})
+
+
+async def render_completion(request: web.Request) -> web.Response:
+    """vLLM's completion render: a list with the raw prompt's token ids."""
+    state = request.app[STATE]
+    engine = state.ready_engine()
+    req = decode_request(await request.read(), CompletionRequest)
+    model = state.check_model(req.model, engine)
+    tokens = engine.tokenizer.encode(req.text, add_special_tokens=True)
+    rid = new_completion_id("cmpl")
+    return json_response([{"request_id": rid, "token_ids": tokens, "model": model}])
+
+
 def add_router_compat(app: web.Application) -> None:
     """Register the routes and the middleware above on a Pensieve app (called by create_app)."""
     app.middlewares.append(router_fields_middleware)
@@ -136,3 +170,5 @@ def add_router_compat(app: web.Application) -> None:
     for path in ("/model_info", "/get_model_info"):
         app.router.add_get(path, model_info)
     app.router.add_get("/get_load", get_load)
+    app.router.add_post("/v1/chat/completions/render", render_chat)
+    app.router.add_post("/v1/completions/render", render_completion)

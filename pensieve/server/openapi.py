@@ -150,6 +150,23 @@ def _router_probes(keys: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _render_routes(keys: bool) -> dict[str, Any]:
+    """vLLM's render routes, which vllm-router asks before routing (compat.py)."""
+    ids = {"type": "array", "items": {"type": "integer"}}
+    rendered = {"type": "object", "required": ["token_ids"], "properties": {"token_ids": ids}}
+    errors = (400, 401, 404, 413, 503)
+    chat = _json(rendered, "The prompt's token ids, chat template applied")
+    text = _json({"type": "array", "items": rendered}, "The prompt's token ids")
+    return {
+        "/v1/chat/completions/render": {
+            "post": _op("Render a chat prompt", chat, errors, keys, body=ChatCompletionRequest)
+        },
+        "/v1/completions/render": {
+            "post": _op("Render a text prompt", text, errors, keys, body=CompletionRequest)
+        },
+    }
+
+
 @functools.lru_cache(maxsize=4)
 def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
     """The document for a server with (or without) keys, encoded once."""
@@ -201,6 +218,7 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
                        params=[cid], raw_body=state_body),
         },  # fmt: skip
         **_router_probes(keys),
+        **_render_routes(keys),
     }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
