@@ -8,27 +8,23 @@ exactly those three, so a returning conversation goes to the worker that holds i
 
 What vllm-router 0.1.17 takes (checked against the installed router, docs/scale-out.md):
 
-- a ZMQ PUB socket; a message is three frames: the topic (b""), the sequence number (8 bytes,
-  big-endian) and the payload. On connecting, and on a gap in the numbers, the router asks the
-  optional replay socket (ROUTER: [empty, first seq] in; each buffered [empty, topic, seq,
-  payload], then one with seq -1, out: vLLM's own replay leaves the topic out, which this router
-  refuses); without one it forgets the worker's blocks at a gap.
+- a ZMQ PUB socket, messages of three frames: topic b"", sequence number (8 bytes, big-endian),
+  payload. On connecting and on a gap in the numbers it asks the optional replay socket
+  (ROUTER: [empty, first seq] in; [empty, topic, seq, payload] per buffered batch, then seq -1,
+  out; vLLM's replay leaves the topic out, which this router refuses).
 - payload: the msgpack array [ts, events, data_parallel_rank]; each event a map tagged "type":
   BlockStored {block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
-  lora_name}, BlockRemoved {block_hashes, medium}, AllBlocksCleared {}.
-- the router renders each request on a worker (POST /v1/chat/completions/render), cuts the
-  token ids into blocks of `--kv-event-block-size` and hashes each block's ids itself
-  (`router_block_hash`); it matches those against the `token_ids` of stored blocks, walking
-  from the first block. `block_hashes` are ours: they only chain a block to its parent and
-  name it in BlockRemoved.
-- medium "GPU", "CPU", "DISK": the router's device, host and disk tiers.
+  lora_name}, BlockRemoved {block_hashes, medium}, AllBlocksCleared {}; medium GPU, CPU, DISK.
+- it renders each request on a worker (POST /v1/chat/completions/render) and keys each block of
+  `--kv-event-block-size` ids by `router_block_hash`, as it keys stored blocks by their
+  `token_ids`, walking from the first block. `block_hashes` are ours: they only place a block
+  under its parent and name it in BlockRemoved.
 
-The scheduler owns a `KvEventTracker`: the cache tells it which conversations' chunks moved
-(`changed`), and once per scheduler loop `flush` turns those into events. A block counts in a
-tier when all of its tokens' KV is valid there; blocks after the first one held nowhere are not
-published (the router only credits a prefix). Identical blocks of several conversations
-(a shared system prompt) are one block to the router, counted per tier. `KvEventPublisher` does
-the socket I/O on a thread of its own; the scheduler only enqueues.
+The scheduler owns a `KvEventTracker`: the cache tells it which conversations moved, and once
+per scheduler loop `flush` turns that into events. A block counts in a tier when all of its
+tokens' KV is valid there; blocks after the first one held nowhere are not published (the
+router only credits a prefix). Blocks shared by several conversations are one block to the
+router. `KvEventPublisher` does the socket I/O on a thread of its own.
 """
 
 from __future__ import annotations
