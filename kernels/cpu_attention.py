@@ -271,7 +271,7 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
                 out[lo + i, h * group + g, e] = acc[r, e] * inv
 
 
-@njit(parallel=True, **_FAST)
+@njit(parallel=True, nogil=True, **_FAST)
 def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, skip, out):
     """Spread (sequence, query tile, KV head) work items over the cores; skip[b] != 0: none."""
     batch = tables.shape[0]
@@ -300,6 +300,101 @@ def _pool_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.uint16).numpy()
 
 
+class SlotWriter:
+    """Writes a step's new K/V rows into their slots; the slots are prepared once per step."""
+
+    def __init__(self, slot_mapping: torch.Tensor):
+        slots = slot_mapping.long()
+        self.keep = None  # rows to write, where some have a negative slot (skip)
+        if slots.numel() and bool((slots < 0).any()):
+            self.keep = slots >= 0
+            slots = slots[self.keep]
+        self.slots = slots
+
+    def write(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        """index_copy_ of the rows on the pools' flat [slots, Hkv, D] views."""
+        if self.keep is not None:
+            k, v = k[self.keep], v[self.keep]
+        hkv, d = k_cache.shape[2:]
+        k_cache.view(-1, hkv, d).index_copy_(0, self.slots, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, self.slots, v)
+
+
+class CpuStep:
+    """One step's kernel arguments, converted once and reused by every layer.
+
+    A step runs the same metadata through every layer; converting it per layer (host lists,
+    numpy views, which sequences go where, the slots to write) cost more than the attention
+    itself for small batches."""
+
+    def __init__(
+        self,
+        block_tables: torch.Tensor,
+        query_start: torch.Tensor,
+        query_positions: torch.Tensor,
+        context_lens: torch.Tensor,
+        *,
+        impl: str = "auto",
+        query_tile: int | None = None,
+    ):
+        if impl not in ("auto", "numba", "sdpa"):
+            raise ValueError(f"impl must be 'auto', 'numba' or 'sdpa', got {impl!r}")
+        self.starts = query_start.tolist()
+        counts = [hi - lo for lo, hi in zip(self.starts[:-1], self.starts[1:], strict=True)]
+        least = {"auto": TORCH_MIN_QUERIES, "numba": self.starts[-1] + 1, "sdpa": 1}[impl]
+        self.skip = np.array([n >= least for n in counts], dtype=np.uint8)
+        self.tensors = (block_tables, query_positions, context_lens)
+        self.arrays = tuple(
+            t.to(torch.int32).contiguous().numpy()
+            for t in (block_tables, query_start, query_positions, context_lens)
+        )
+        self.query_tile = query_tile
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        if q.shape[0] and not self.skip.all():
+            self._run_kernel(q, k_cache, v_cache, scale, out)
+        out = out if q.dtype == torch.float32 else out.to(q.dtype)
+        tables, positions, context_lens = self.tensors
+        for b in np.flatnonzero(self.skip):
+            lo, hi = self.starts[b], self.starts[b + 1]
+            out[lo:hi] = attend_sequence(
+                q[lo:hi], k_cache, v_cache, tables[b], int(context_lens[b]),
+                positions[lo:hi], scale,
+            )  # fmt: skip
+        return out
+
+    def _run_kernel(self, q, k_cache, v_cache, scale: float, out: torch.Tensor) -> None:
+        """The Numba kernel into the float32 `out` for every sequence not skipped."""
+        group = q.shape[1] // k_cache.shape[2]
+        # As many threads as torch is set to use. Numba's OpenMP layer, when it starts in a
+        # thread, sets that thread's OpenMP count to its own, which would silently change
+        # torch's (and with it the order of torch's parallel reductions): read first, restored.
+        threads = torch.get_num_threads()
+        previous = get_parallel_chunksize()
+        set_parallel_chunksize(1)  # work items differ in cost: hand them out one by one
+        set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
+        try:
+            _paged_attention(
+                q.to(torch.float32).contiguous().numpy(),
+                _pool_numpy(k_cache),
+                _pool_numpy(v_cache),
+                *self.arrays,
+                np.float32(scale * _LOG2E),
+                _FORMAT[k_cache.dtype],
+                max(1, self.query_tile or QUERY_ROWS // group),
+                self.skip,
+                out.numpy(),
+            )
+        finally:
+            set_parallel_chunksize(previous)
+            torch.set_num_threads(threads)
+
+
 def paged_attention_cpu(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -323,52 +418,10 @@ def paged_attention_cpu(
         check_paged_attention(
             q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale
         )
-    if impl not in ("auto", "numba", "sdpa"):
-        raise ValueError(f"impl must be 'auto', 'numba' or 'sdpa', got {impl!r}")
-    starts = query_start.tolist()
-    counts = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
-    least = {"auto": TORCH_MIN_QUERIES, "numba": q.shape[0] + 1, "sdpa": 1}[impl]
-    skip = np.array([n >= least for n in counts], dtype=np.uint8)
-    out = torch.empty(q.shape, dtype=torch.float32)
-    args = (q, k_cache, v_cache, block_tables, query_start, query_positions, context_lens, scale)
-    if q.shape[0] and not skip.all():
-        _run_kernel(args, query_tile, skip, out)
-    out = out if q.dtype == torch.float32 else out.to(q.dtype)
-    for b in np.flatnonzero(skip):
-        lo, hi = starts[b], starts[b + 1]
-        out[lo:hi] = attend_sequence(
-            q[lo:hi], k_cache, v_cache, block_tables[b], int(context_lens[b]),
-            query_positions[lo:hi], scale,
-        )  # fmt: skip
-    return out
-
-
-def _run_kernel(args: tuple, query_tile: int | None, skip: np.ndarray, out: torch.Tensor) -> None:
-    """The Numba kernel into the float32 `out` for every sequence not skipped."""
-    q, k_cache, v_cache, tables, starts, positions, context_lens, scale = args
-    group = q.shape[1] // k_cache.shape[2]
-    # As many threads as torch is set to use. Numba's OpenMP layer, when it starts in a thread,
-    # sets that thread's OpenMP count to its own, which would silently change torch's (and with
-    # it the order of torch's parallel reductions) from then on: read first, restored below.
-    threads = torch.get_num_threads()
-    previous = get_parallel_chunksize()
-    set_parallel_chunksize(1)  # work items differ in cost: hand them out one by one
-    set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
-    try:
-        _paged_attention(
-            q.to(torch.float32).contiguous().numpy(),
-            _pool_numpy(k_cache),
-            _pool_numpy(v_cache),
-            *(t.contiguous().numpy() for t in (tables, starts, positions, context_lens)),
-            np.float32(scale * _LOG2E),
-            _FORMAT[k_cache.dtype],
-            max(1, query_tile or QUERY_ROWS // group),
-            skip,
-            out.numpy(),
-        )
-    finally:
-        set_parallel_chunksize(previous)
-        torch.set_num_threads(threads)
+    step = CpuStep(
+        block_tables, query_start, query_positions, context_lens, impl=impl, query_tile=query_tile
+    )
+    return step.attention(q, k_cache, v_cache, scale)
 
 
 def write_kv_cpu(
@@ -380,13 +433,7 @@ def write_kv_cpu(
     *,
     validate: bool = True,
 ) -> None:
-    """Scatter rows of k/v into their slots with index_copy_ on the flat [slots, Hkv, D] view."""
+    """Scatter rows of k/v into their slots (see `SlotWriter`)."""
     if validate:
         check_write_kv(k, v, k_cache, v_cache, slot_mapping)
-    slots = slot_mapping.long()
-    if slots.numel() and bool((slots < 0).any()):
-        keep = slots >= 0
-        slots, k, v = slots[keep], k[keep], v[keep]
-    hkv, d = k_cache.shape[2:]
-    k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+    SlotWriter(slot_mapping).write(k, v, k_cache, v_cache)

@@ -1,8 +1,9 @@
 """The paged attention backend: the model's attention on the device tier's KV pool.
 
-The step's metadata is built once (`StepMetadata.build`, on the host, then copied); on a CUDA
-device the backend also builds the kernels' per-step state once, at the first layer
-(`CudaStep`: work lists, Numba views, split-KV scratch), and every layer reuses it. Argument
+The step's metadata is built once (`StepMetadata.build`, on the host, then copied), and so is
+the kernels' per-step state, at the first layer (on CPU `SlotWriter` and `CpuStep`: slots,
+numpy views, which sequences take which path; on CUDA `CudaStep`: work lists, Numba views,
+split-KV scratch); every layer reuses it. Argument
 validation of the kernels runs only in debug mode (PENSIEVE_KERNEL_DEBUG=1 or `debug=True`),
 then on every layer; `StepMetadata.build` always checks what it derives.
 """
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pensieve import kernels
 from pensieve.block_allocator import KVPool
 from pensieve.kernels._args import check_paged_attention, check_write_kv
+from pensieve.kernels.cpu_attention import CpuStep, SlotWriter
 from pensieve.kernels.cuda_plan import LaunchConfig
 from pensieve.messages import SequenceRows
 
@@ -110,6 +111,7 @@ class PagedAttentionBackend:
         self.cuda_kernels = pool.keys.is_cuda if cuda_kernels is None else cuda_kernels
         self.cuda_config = cuda_config  # None: the kernels' default launch shape
         self._cuda_step: CudaStep | None = None  # built at the first layer
+        self._cpu_step: tuple[SlotWriter, CpuStep] | None = None  # likewise
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.wait_for_layer is not None:
@@ -125,19 +127,15 @@ class PagedAttentionBackend:
             step = self._cuda_step or self._build_cuda_step(q, k_cache)
             step.write_kv(k, v, k_cache, v_cache)
             return step.attention(q, k_cache, v_cache, scale)
-        kernels.write_kv(k, v, k_cache, v_cache, m.slot_mapping, validate=False)
-        return kernels.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            m.block_tables,
-            m.query_start,
-            m.positions,
-            m.context_lens,
-            scale,
-            validate=False,
-            deterministic=self.deterministic,
-        )
+        if self._cpu_step is None:
+            impl = "numba" if self.deterministic else "auto"
+            self._cpu_step = (
+                SlotWriter(m.slot_mapping),
+                CpuStep(m.block_tables, m.query_start, m.positions, m.context_lens, impl=impl),
+            )
+        writer, step = self._cpu_step
+        writer.write(k, v, k_cache, v_cache)
+        return step.attention(q, k_cache, v_cache, scale)
 
     def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor) -> CudaStep:
         """The CUDA kernels' state for this step: plans and conversions done once."""
