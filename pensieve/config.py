@@ -103,5 +103,4 @@ class EngineConfig:
     kv_events_endpoint: str | None = None  # ZMQ PUB address for KV events (tcp://*:5557; off: None)
     kv_events_replay_endpoint: str | None = None  # ZMQ ROUTER address answering event replays
     kv_events_block_size: int = 16  # tokens per KV event block (vllm-router --kv-event-block-size)
-    # batch-invariant forward: a token's logits do not depend on its batch, tier or chunking
-    deterministic: bool = False
+    deterministic: bool = False  # batch-invariant forward: same logits whatever batch/tier/chunks
