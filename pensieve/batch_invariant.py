@@ -16,6 +16,8 @@ does on the CPUs we measured; its float32 path does not), the plain call is kept
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,37 +29,54 @@ _PROBE_ROWS = 300
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias) that can run its rows in fixed-size tiles (`tile_rows` > 0)."""
+    """nn.Linear (no bias) that can run its rows in fixed-size tiles (`tile_rows` > 0), and
+    from int8 weights (`pensieve.quantize`: `qweight`, one scale per output row)."""
 
     tile_rows: int = 0
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # buffers, so that they are in the state dict (the disk tier's fingerprint covers them)
+        self.qweight: torch.Tensor | None
+        self.qscale: torch.Tensor | None
+        self.register_buffer("qweight", None)
+        self.register_buffer("qscale", None)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T in one call, whatever the number of rows."""
+        if self.qweight is not None:
+            return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tile_rows:
-            return F.linear(x, self.weight)
-        return tiled_linear(x, self.weight, self.tile_rows)
+            return self.matmul(x)
+        return tiled_linear(x, self.matmul, self.tile_rows)
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """x @ weight.T computed `tile` rows per call; the last tile padded with zero rows."""
+def tiled_linear(
+    x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor], tile: int
+) -> torch.Tensor:
+    """matmul(x) computed `tile` rows per call; the last tile padded with zero rows."""
     rows = x.shape[0]
-    if rows == 0:
-        return x.new_empty((0, weight.shape[0]))
     pad = -rows % tile
-    if pad:
-        x = torch.cat([x, x.new_zeros((pad, x.shape[1]))])
-    out = torch.cat([F.linear(x[i : i + tile], weight) for i in range(0, x.shape[0], tile)])
+    if pad or rows == 0:
+        x = torch.cat([x, x.new_zeros((pad or tile, x.shape[1]))])
+    out = torch.cat([matmul(x[i : i + tile]) for i in range(0, x.shape[0], tile)])
     return out[:rows]
 
 
 @torch.inference_mode()
-def rows_are_invariant(weight: torch.Tensor, seed: int = 0) -> bool:
-    """Whether F.linear gives each row the same bits for every probed row count and offset."""
+def rows_are_invariant(linear: Linear, seed: int = 0) -> bool:
+    """Whether the layer's one-call matmul gives each row the same bits for every probed row
+    count and offset."""
+    w = linear.weight if linear.qweight is None else linear.qscale
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(_PROBE_ROWS, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
-    whole = F.linear(x, weight)
+    x = torch.randn(_PROBE_ROWS, linear.in_features, generator=gen).to(w.device, w.dtype)
+    whole = linear.matmul(x)
     for i, count in enumerate(_PROBE_COUNTS):
         start = (i * 37) % (_PROBE_ROWS - count)
-        part = F.linear(x[start : start + count], weight)
+        part = linear.matmul(x[start : start + count])
         if not torch.equal(part, whole[start : start + count]):
             return False
     return True
@@ -73,10 +92,10 @@ def make_batch_invariant(model: nn.Module, enabled: bool = True) -> dict[str, st
     for name, module in model.named_modules():
         if not isinstance(module, Linear):
             continue
-        w = module.weight
-        key = (tuple(w.shape), w.dtype, w.device.type)
+        w = module.weight if module.qweight is None else module.qweight
+        key = (tuple(w.shape), w.dtype, getattr(module.qscale, "dtype", None), w.device.type)
         if enabled and key not in verdicts:
-            verdicts[key] = rows_are_invariant(w)
+            verdicts[key] = rows_are_invariant(module)
         module.tile_rows = 0 if not enabled or verdicts[key] else TILE_ROWS
         chosen[name] = "tiles" if module.tile_rows else "plain"
     return chosen

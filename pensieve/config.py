@@ -85,6 +85,7 @@ class EngineConfig:
 
     model: str | None = None  # HF folder or GGUF file; None = the default SmolLM2 model
     dtype: Literal["bfloat16", "float32", "auto"] = "auto"
+    quantize: Literal["none", "int8"] = "none"  # int8: weight-only int8 matmuls (CPU)
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or "auto"
     mode: Mode = "stateful"
     block_size: int = 32  # tokens per KV block; a block is the paper's cache chunk

@@ -13,6 +13,7 @@ from pensieve.config import EngineConfig
 from pensieve.cuda_setup import ensure_cuda_kernels
 from pensieve.model import LlamaForCausalLM, build_model, pick_device, pick_dtype
 from pensieve.policy import CostModel
+from pensieve.quantize import quantize_int8
 from pensieve.tokenizer import ChatTokenizer
 from pensieve.weights import load_config, load_state_dict, resolve_model
 
@@ -47,6 +48,8 @@ def load_pretrained(config: EngineConfig) -> LoadedModel:
     model_config = load_config(folder)
     state = load_state_dict(folder, model_config, dtype, device)
     model = build_model(model_config, state, dtype, device)
+    if config.quantize == "int8":
+        quantize_int8(model)
     tokenizer = ChatTokenizer.from_folder(folder)
     return LoadedModel(model, tokenizer, folder, time.perf_counter() - started)
 

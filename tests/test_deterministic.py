@@ -161,9 +161,13 @@ def test_tiled_linear_gives_each_row_the_bits_of_any_batch() -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 80, generator=gen)
     x = torch.randn(70, 80, generator=gen)
-    whole = tiled_linear(x, weight, TILE_ROWS)
+
+    def matmul(rows: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(rows, weight)
+
+    whole = tiled_linear(x, matmul, TILE_ROWS)
     for start, count in [(0, 1), (3, 2), (5, 16), (9, 17), (40, 30)]:
-        part = tiled_linear(x[start : start + count], weight, TILE_ROWS)
+        part = tiled_linear(x[start : start + count], matmul, TILE_ROWS)
         assert torch.equal(part, whole[start : start + count])
     torch.testing.assert_close(whole, x @ weight.T)
 
@@ -182,3 +186,19 @@ def test_default_model_logits_bitwise_equal(default_model_dir: Path, dtype) -> N
     got = serve_in_pieces(model, tokens, seed=7, pressure="swap+drop")
     differ = [p for p, row in got.items() if not torch.equal(row, want[p])]
     assert not differ, f"{len(differ)} of {len(got)} positions differ"
+
+
+@pytest.mark.parametrize("pressure", ["swap", "swap+drop"])
+def test_int8_model_logits_bitwise_equal_to_its_own_oracle(tiny: LoadedModel, pressure) -> None:
+    """`--quantize int8`: the invariant holds for the quantized model against itself."""
+    from pensieve.quantize import quantize_int8
+
+    model = with_dtype(tiny, torch.bfloat16)
+    quantize_int8(model)
+    make_batch_invariant(model)
+    assert all(m.qweight is not None for m in model.modules() if hasattr(m, "qweight"))
+    rng = random.Random(5)
+    tokens = [rng.randrange(model.config.vocab_size) for _ in range(150)]
+    want = oracle_logits(model, tokens)
+    got = serve_in_pieces(model, tokens, 3, pressure)
+    assert not [p for p, row in got.items() if not torch.equal(row, want[p])]
