@@ -61,8 +61,6 @@ class CacheTooSmall(Exception):
     """The request cannot fit the device tier even with everything else evicted."""
 
 
-
-
 class Scheduler(DiskTier, Actor):
     name = "scheduler"
 

@@ -380,5 +380,3 @@ def write_kv_cuda(
     with device_context(k_cache.device):
         stream = None if SIMULATOR else _torch_stream(k_cache.device)
         _write_kv(k, v, k_cache, v_cache, _array(slots), stream)
-
-

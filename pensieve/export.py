@@ -81,4 +81,3 @@ def profile_disk_read(store: DiskStore, host: KVPool, repeats: int = 5) -> float
         best = min(best, time.perf_counter() - started)
     store.delete_chunks(["profile"])
     return best
-

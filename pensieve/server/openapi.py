@@ -138,8 +138,14 @@ def _generation(summary: str, request: type, whole: type, chunk: type, keys: boo
 def _router_probes(keys: bool) -> dict[str, Any]:
     """The SGLang-style metadata and load routes request routers read (compat.py)."""
     obj = {"type": "object"}
-    load = {"type": "array", "items": {"type": "object", "required": ["num_tokens"],
-            "properties": {"num_tokens": {"type": "integer"}, "num_reqs": {"type": "integer"}}}}
+    load = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["num_tokens"],
+            "properties": {"num_tokens": {"type": "integer"}, "num_reqs": {"type": "integer"}},
+        },
+    }
     info = _op("Server description for sglang-router", _json(obj, "Server info"), (401, 503), keys)
     model = _op("Model description for sglang-router", _json(obj, "Model info"), (401, 503), keys)
     return {
@@ -177,22 +183,31 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
     health["responses"]["503"] = _json(_ref(Health), "Loading the model, or shutting down")
     model = _path_param("model", "the served model's name or one of its aliases")
     cid = _path_param("cid", "a conversation id of the caller's tenant")
-    state_file = {"description": "safetensors file", "headers": _ID_HEADER,
-                  "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                      "format": "binary"}}}}
+    state_file = {
+        "description": "safetensors file",
+        "headers": _ID_HEADER,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
     state_body = {"required": True, "content": state_file["content"]}  # fmt: skip
     paths = {
         "/health": {"get": health},
         "/metrics": {"get": _op("Prometheus metrics", text, (), keys, open_route=not metrics_auth)},
         "/openapi.json": {
-            "get": _op("This document", _json({"type": "object"}, "OpenAPI 3.1"), (), keys,
-                       open_route=True)
+            "get": _op(
+                "This document", _json({"type": "object"}, "OpenAPI 3.1"), (), keys, open_route=True
+            )
         },  # fmt: skip
-        "/v1/models": {"get": _op("The served model", _json(_ref(ModelList), "Models"),
-                                  (401, 503), keys)},  # fmt: skip
+        "/v1/models": {
+            "get": _op("The served model", _json(_ref(ModelList), "Models"), (401, 503), keys)
+        },  # fmt: skip
         "/v1/models/{model}": {
-            "get": _op("One model by name or alias", _json(_ref(ModelCard), "Model"),
-                       (401, 404, 503), keys, params=[model])
+            "get": _op(
+                "One model by name or alias",
+                _json(_ref(ModelCard), "Model"),
+                (401, 404, 503),
+                keys,
+                params=[model],
+            )
         },  # fmt: skip
         "/v1/chat/completions": _generation(
             "Chat completion", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, keys
@@ -201,21 +216,45 @@ def openapi_document(keys: bool, metrics_auth: bool) -> bytes:
             "Legacy text completion", CompletionRequest, Completion, CompletionChunk, keys
         ),
         "/v1/conversations": {
-            "get": _op("The caller's cached conversations",
-                       _json(_ref(ConversationList), "Conversations"), (401, 503), keys)
+            "get": _op(
+                "The caller's cached conversations",
+                _json(_ref(ConversationList), "Conversations"),
+                (401, 503),
+                keys,
+            )
         },  # fmt: skip
         "/v1/conversations/{cid}": {
-            "get": _op("One conversation's cache", _json(_ref(ConversationInfo), "Conversation"),
-                       (401, 404, 503), keys, params=[cid]),
-            "delete": _op("Forget a conversation", _json(_ref(DeletedConversation), "Deleted"),
-                          (401, 404, 503), keys, params=[cid]),
+            "get": _op(
+                "One conversation's cache",
+                _json(_ref(ConversationInfo), "Conversation"),
+                (401, 404, 503),
+                keys,
+                params=[cid],
+            ),
+            "delete": _op(
+                "Forget a conversation",
+                _json(_ref(DeletedConversation), "Deleted"),
+                (401, 404, 503),
+                keys,
+                params=[cid],
+            ),
         },  # fmt: skip
         "/v1/conversations/{cid}/state": {
-            "get": _op("Export a conversation (token ids, metadata, KV chunks)", state_file,
-                       (401, 404, 503), keys, params=[cid]),
-            "put": _op("Import an exported conversation under this id",
-                       _json(_ref(ConversationInfo), "Imported"), (400, 401, 409, 413, 503), keys,
-                       params=[cid], raw_body=state_body),
+            "get": _op(
+                "Export a conversation (token ids, metadata, KV chunks)",
+                state_file,
+                (401, 404, 503),
+                keys,
+                params=[cid],
+            ),
+            "put": _op(
+                "Import an exported conversation under this id",
+                _json(_ref(ConversationInfo), "Imported"),
+                (400, 401, 409, 413, 503),
+                keys,
+                params=[cid],
+                raw_body=state_body,
+            ),
         },  # fmt: skip
         **_router_probes(keys),
         **_render_routes(keys),

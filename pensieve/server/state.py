@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from pensieve.engine import Engine
 
 
-
 def _request_key(name: str, kind: type) -> Any:
     """A typed request key where aiohttp has them (3.14+), else the plain name."""
     make = getattr(web, "RequestKey", None)
