@@ -7,63 +7,25 @@ Cached KV computed in one shape and reused beside KV computed in another then dr
 stateless oracle (the cause Thinking Machines described in "Defeating Nondeterminism in LLM
 Inference", 2025).
 
-`Linear` below computes its rows in fixed tiles of `TILE_ROWS` (the last one zero-padded), each
-its own call of one shape: the same kernel for every row, wherever it sits, by construction.
-That costs (measured in bench_step), so each weight is first probed: where the library's own
-kernel already gives every row the same bits whatever the row count (oneDNN's AVX512-BF16 GEMM
-does on the CPUs we measured; its float32 path does not), the plain call is kept.
+`make_batch_invariant` sets each `pensieve.linear.Linear` to compute its rows in fixed tiles of
+`TILE_ROWS` (the last one zero-padded), each its own call of one shape: the same kernel for
+every row, wherever it sits, by construction. That costs, so each weight is first probed: where
+the layer's own matmul already gives every row the same bits whatever the row count (oneDNN's
+prepacked GEMMs do, bfloat16 and float32, on the CPUs we measured; MKL's float32 GEMM does not),
+the one call is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pensieve.linear import Linear
 
 TILE_ROWS = 16
 # row counts the probe compares: every count up to two tiles, then a few large ones
 _PROBE_COUNTS = (*range(1, 2 * TILE_ROWS + 2), 48, 64, 100, 128, 256)
 _PROBE_ROWS = 300
-
-
-class Linear(nn.Linear):
-    """nn.Linear (no bias) that can run its rows in fixed-size tiles (`tile_rows` > 0), and
-    from int8 weights (`pensieve.quantize`: `qweight`, one scale per output row)."""
-
-    tile_rows: int = 0
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # buffers, so that they are in the state dict (the disk tier's fingerprint covers them)
-        self.qweight: torch.Tensor | None
-        self.qscale: torch.Tensor | None
-        self.register_buffer("qweight", None)
-        self.register_buffer("qscale", None)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T in one call, whatever the number of rows."""
-        if self.qweight is not None:
-            return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
-        return F.linear(x, self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.tile_rows:
-            return self.matmul(x)
-        return tiled_linear(x, self.matmul, self.tile_rows)
-
-
-def tiled_linear(
-    x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor], tile: int
-) -> torch.Tensor:
-    """matmul(x) computed `tile` rows per call; the last tile padded with zero rows."""
-    rows = x.shape[0]
-    pad = -rows % tile
-    if pad or rows == 0:
-        x = torch.cat([x, x.new_zeros((pad or tile, x.shape[1]))])
-    out = torch.cat([matmul(x[i : i + tile]) for i in range(0, x.shape[0], tile)])
-    return out[:rows]
 
 
 @torch.inference_mode()

@@ -43,6 +43,7 @@ from pensieve.errors import (
 )
 from pensieve.export import decode_export, encode_export, profile_disk_read
 from pensieve.kv_events import KvEventTracker
+from pensieve.linear import pack_for_cpu
 from pensieve.messages import (
     Cancel,
     CheckAccounting,
@@ -184,6 +185,7 @@ class Engine:
             raise InvalidRequestError(
                 "--deterministic is built for CPU only so far", param="deterministic"
             )
+        await asyncio.to_thread(pack_for_cpu, model)  # no-op where load_pretrained did it
         linears = await asyncio.to_thread(make_batch_invariant, model, cfg.deterministic)
         if cfg.deterministic:
             tiled = sorted(name for name, how in linears.items() if how == "tiles")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pensieve.attention import AttentionBackend
-from pensieve.batch_invariant import Linear
 from pensieve.config import ModelConfig
+from pensieve.linear import Linear
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pensieve.batch_invariant import Linear
+from pensieve.linear import Linear
 
 QUANTIZATIONS = ("none", "int8")
 

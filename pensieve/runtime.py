@@ -11,6 +11,7 @@ import torch
 from pensieve.attention import ContiguousKV
 from pensieve.config import EngineConfig
 from pensieve.cuda_setup import ensure_cuda_kernels
+from pensieve.linear import pack_for_cpu
 from pensieve.model import LlamaForCausalLM, build_model, pick_device, pick_dtype
 from pensieve.policy import CostModel
 from pensieve.quantize import quantize_int8
@@ -50,6 +51,7 @@ def load_pretrained(config: EngineConfig) -> LoadedModel:
     model = build_model(model_config, state, dtype, device)
     if config.quantize == "int8":
         quantize_int8(model)
+    pack_for_cpu(model)
     tokenizer = ChatTokenizer.from_folder(folder)
     return LoadedModel(model, tokenizer, folder, time.perf_counter() - started)
 

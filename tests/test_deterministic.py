@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from pensieve.attention import ContiguousKV
-from pensieve.batch_invariant import TILE_ROWS, make_batch_invariant, tiled_linear
+from pensieve.batch_invariant import TILE_ROWS, make_batch_invariant
 from pensieve.block_allocator import KVPool
+from pensieve.linear import pack_for_cpu, tiled_linear
 from pensieve.messages import SequenceRows
 from pensieve.model import LlamaForCausalLM, build_model
 from pensieve.paged import PagedAttentionBackend, StepMetadata
@@ -30,6 +31,7 @@ def with_dtype(loaded: LoadedModel, dtype: torch.dtype) -> LlamaForCausalLM:
     model = loaded.model
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     twin = build_model(model.config, state, dtype, torch.device("cpu"))
+    pack_for_cpu(twin)  # as the engine serves it
     make_batch_invariant(twin)
     return twin
 
