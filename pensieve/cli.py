@@ -16,7 +16,11 @@ from pensieve.errors import PensieveError
 SUBCOMMANDS = {
     "serve": ("pensieve.server.serve_cli", "run the OpenAI-compatible streaming server"),
     "chat": ("pensieve.chat_cli", "chat in the terminal with a cached conversation"),
-    "bench": ("pensieve.bench.sweep", "replay conversation traces and compare systems"),
+    "bench": (
+        "pensieve.bench.sweep",
+        "replay conversation traces and compare systems "
+        "(`pensieve bench step`: time one forward step against this machine's limits)",
+    ),
     "cluster": ("pensieve.cluster", "run N serve workers behind sglang-router or vllm-router"),
 }
 
@@ -82,14 +86,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     add_generate_arguments(sub.add_parser("generate", help="answer one prompt and exit"))
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text))
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
         runners[name] = module.run
     return parser, runners
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "step"]:  # the step benchmark; any other `bench` is the sweep
+        from pensieve.bench import bench_step
+
+        return bench_step.main(argv[2:], prog="pensieve bench step")
+    parser, runners = build_parser()
     if argv[:1] == ["cluster"]:  # the flags cluster does not know are its workers' serve flags
         args, args.passthrough_args = parser.parse_known_args(argv)
     else:
