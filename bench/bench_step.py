@@ -1,7 +1,8 @@
 """How far is one forward step from this machine's limits? Times the engine's real paged step
 (the executor's `run_step`: `StepMetadata.build`, the model over `PagedAttentionBackend`, logits
 of the sampled rows, one batched greedy argmax) and measures, in the same run, GEMM throughput at
-the model's matmul shapes and memory read bandwidth (`bench/limits.py`).
+the model's matmul shapes and memory read bandwidth (`bench/limits.py`; before and after the
+cases, the higher figure counting).
 
     python -m pensieve.bench.bench_step [--cases 'decode-*'] [--repeats N] [--json out.json]
     pensieve bench step [same flags]
@@ -206,7 +207,8 @@ def spread(samples: list[float]) -> dict[str, float]:
 
 
 def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seconds: float) -> dict:
-    """Load the model as the engine does, measure the limits, time every case: the JSON."""
+    """Load the model as the engine does, measure the limits before and after timing every
+    case (the higher figure counts), bound every case: the JSON."""
     from pensieve.runtime import load_pretrained
 
     model = load_pretrained(config).model
@@ -230,34 +232,36 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
     executor = Executor(model, pool, **executor_args)
     loop = asyncio.new_event_loop()  # only for the plan's reply future, never resolved here
     gen = torch.Generator().manual_seed(0)
-    results = []
+    timed: list[tuple[Case, list[SequenceRows], list[float]]] = []
     try:
         for case in cases:
             free = torch.randperm(pool.num_blocks, generator=gen).tolist()
             rows = build_rows(case, config.block_size, free, cfg.vocab_size, gen)
-            plan = StepPlan(len(results), rows, loop.create_future())
-            samples = time_case(executor, plan, device, repeats, seconds)
-            stats, limit = spread(samples), bound(rows, model, machine)
-            tokens = sum(len(r.tokens) for r in rows)
-            results.append(
-                {
-                    "case": case.name,
-                    "rows": len(rows),
-                    "tokens": tokens,
-                    "context_tokens": sum(r.context_len for r in rows),
-                    "repeats": len(samples),
-                    **stats,
-                    "tokens_per_s": 1e3 * tokens / stats["median_ms"],
-                    **limit,
-                    "ratio": stats["median_ms"] / limit["bound_ms"],
-                }
-            )
-            if len(results) == 1:
-                print(HEADER, file=sys.stderr)
-            print(table_row(results[-1]), file=sys.stderr, flush=True)
+            plan = StepPlan(len(timed), rows, loop.create_future())
+            timed.append((case, rows, time_case(executor, plan, device, repeats, seconds)))
+            print(f"{case.name}: {spread(timed[-1][2])['median_ms']:.2f} ms", file=sys.stderr)
     finally:
         executor.worker.shutdown()
         loop.close()
+    runs = [machine, limits.measure(cfg, model.dtype, device)]  # before and after the cases
+    machine = limits.best(runs)
+    results = []
+    for case, rows, samples in timed:
+        stats, limit = spread(samples), bound(rows, model, machine)
+        tokens = sum(len(r.tokens) for r in rows)
+        results.append(
+            {
+                "case": case.name,
+                "rows": len(rows),
+                "tokens": tokens,
+                "context_tokens": sum(r.context_len for r in rows),
+                "repeats": len(samples),
+                **stats,
+                "tokens_per_s": 1e3 * tokens / stats["median_ms"],
+                **limit,
+                "ratio": stats["median_ms"] / limit["bound_ms"],
+            }
+        )
     return {
         "model": cfg.name,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -272,7 +276,8 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
         "tiled_matmuls": tiled,  # batch-invariant matmuls run in fixed tiles
         "block_size": config.block_size,
         "weight_bytes": weight_bytes(model),
-        "limits": machine,
+        "limits": machine,  # the higher of each figure over `limit_runs`
+        "limit_runs": runs,
         "cases": results,
     }
 

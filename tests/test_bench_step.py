@@ -71,6 +71,8 @@ def check_report(report: dict, cases: int) -> None:
     assert set(limits["shapes"]) == shapes
     assert set(limits["gemm_flops_per_s"]) == shapes | {"model"}
     numbers = [*limits["gemm_flops_per_s"].values(), limits["read_bytes_per_s"]]
+    assert len(report["limit_runs"]) == 2  # before and after the cases; the higher counts
+    assert all(limits["read_bytes_per_s"] >= r["read_bytes_per_s"] for r in report["limit_runs"])
     assert len(report["cases"]) == cases
     for row in report["cases"]:
         assert row["repeats"] == 1 and row["bound_kind"] in ("memory", "compute")
