@@ -160,8 +160,7 @@ class Scheduler(DiskTier, Actor):
         elif isinstance(message, Shutdown):
             for seq in list(self.requests.values()):
                 self._finish(seq, "cancelled")
-            while self.disk_pending:  # drain: every finished turn is committed to disk
-                await self.handle(await self.mailbox.get())
+            await self._drain_disk()
             if self.kv_events is not None:  # subscribers hear that this worker's blocks are gone
                 await asyncio.to_thread(self.kv_events.close)
             message.reply.set_result(None)

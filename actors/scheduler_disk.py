@@ -5,6 +5,7 @@ conversation is admitted, and imported conversations. Part of the scheduler acto
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from pensieve.messages import (
@@ -15,6 +16,9 @@ from pensieve.messages import (
     PersistDone,
     PersistOrder,
 )
+
+SHUTDOWN_DRAIN_SECONDS = 60.0
+log = logging.getLogger("pensieve.scheduler")
 
 if TYPE_CHECKING:
     from pensieve.actors.base import Actor
@@ -38,6 +42,7 @@ class DiskTier:
     counters: Counters
     disk: Actor | None
     disk_pending: int
+    mailbox: asyncio.Queue
     pools: dict | None
 
     def _import(self, msg: ImportConversation) -> str | None:
@@ -82,6 +87,19 @@ class DiskTier:
         self.disk_pending += 1
         reply.add_done_callback(lambda done: self.send(done.result()))
         self.disk.send(make(reply=reply, **fields))  # type: ignore[union-attr]
+
+    async def _drain_disk(self) -> None:
+        """Until every finished turn is committed to disk, within SHUTDOWN_DRAIN_SECONDS: an
+        answer that never comes must not hold the shutdown forever."""
+        deadline = asyncio.get_running_loop().time() + SHUTDOWN_DRAIN_SECONDS
+        while self.disk_pending:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(self.mailbox.get(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                log.error("shutdown: %d disk orders unanswered, not waiting", self.disk_pending)
+                return
+            await self.handle(message)  # type: ignore[attr-defined]
 
     def disk_done(self, done: PersistDone | LoadDone) -> None:
         """Apply a commit's or a load's outcome to the cache."""

@@ -308,3 +308,15 @@ async def test_failed_restore_fails_the_turn_and_the_retry_recomputes() -> None:
         await h.wait(retry)
         assert h.finish(retry).finish_reason == "length"
         h.cache.check()
+
+
+async def test_shutdown_does_not_wait_forever_for_an_unanswered_disk_order(monkeypatch) -> None:
+    from pensieve.actors import scheduler_disk
+    from pensieve.messages import Shutdown
+
+    monkeypatch.setattr(scheduler_disk, "SHUTDOWN_DRAIN_SECONDS", 0.2)
+    async with Harness() as h:
+        h.scheduler.disk_pending = 1  # a commit whose answer never comes
+        reply = asyncio.get_running_loop().create_future()
+        h.scheduler.send(Shutdown(reply=reply))
+        await asyncio.wait_for(reply, 5)
