@@ -122,3 +122,33 @@ async def test_same_tokens_at_concurrency_1_and_8(tiny: LoadedModel) -> None:
         async with Engine(config, loaded=loaded, cost_model=CostModel.linear()) as engine:
             runs.append(await replay(engine, n_convs=8, turns=3, seed=2, at_once=at_once))
     assert [r[2:] for r in runs[0]] == [r[2:] for r in runs[1]]
+
+
+async def test_suspended_and_resumed_replies_are_bitwise_equal(tiny: LoadedModel) -> None:
+    """Three long replies on a device tier that holds two: the newest is suspended, swapped
+    out, restored; its tokens and log-probabilities stay those of the oracle, in bf16."""
+    loaded = LoadedModel(with_dtype(tiny, torch.bfloat16), tiny.tokenizer, tiny.folder, 0.0)
+    config = EngineConfig(
+        block_size=BLOCK, device_cache_tokens=224, host_cache_tokens=1024, max_batch_tokens=128,
+        decode_reserve=0.0, profile_cost=False, deterministic=True,
+    )  # fmt: skip
+    sampling = SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, logprobs=True, top_logprobs=3
+    )
+    async with Engine(config, loaded=loaded, cost_model=CostModel.linear()) as engine:
+
+        async def one(i: int) -> tuple[list[int], list[int], list[tuple]]:
+            history = [{"role": "user", "content": " ".join(WORDS[i:] + WORDS[:i]) * 2}]
+            stream = engine.chat(history, f"s{i}", sampling)
+            await stream.text()
+            bits = [
+                (lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+                for lp in stream.take_logprobs()
+            ]
+            return engine.tokenizer.encode_chat(history), stream.token_ids, bits
+
+        records = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3))), 120)
+        stats = await engine.stats()
+    assert stats.preemptions_total > 0 and stats.swap_in_blocks_total > 0
+    for prompt, tokens, bits in records:
+        assert (tokens, bits) == oracle_reply(loaded.model, prompt, sampling, set())
