@@ -21,6 +21,7 @@ from collections import deque
 
 from pensieve.actors.base import Actor
 from pensieve.actors.scheduler_disk import DiskTier, public_id, scoped
+from pensieve.actors.scheduler_questions import Question, Questions
 from pensieve.block_allocator import OutOfBlocks
 from pensieve.cache import TieredCache
 from pensieve.config import EngineConfig
@@ -29,14 +30,8 @@ from pensieve.kv_events import KvEventTracker
 from pensieve.messages import (
     Accepted,
     Cancel,
-    CheckAccounting,
-    DeleteConversation,
-    ExportConversation,
     Forget,
-    GetStats,
-    ImportConversation,
     LayerProgress,
-    ListConversations,
     LoadDone,
     PersistDone,
     Rejected,
@@ -51,7 +46,7 @@ from pensieve.messages import (
     Usage,
 )
 from pensieve.sequence import Rows, Sequence
-from pensieve.stats import ConversationInfo, Counters, conversation_info, engine_stats
+from pensieve.stats import Counters
 
 log = logging.getLogger("pensieve.scheduler")
 TOO_SMALL = "the device cache is too small for this prompt"
@@ -61,7 +56,7 @@ class CacheTooSmall(Exception):
     """The request cannot fit the device tier even with everything else evicted."""
 
 
-class Scheduler(DiskTier, Actor):
+class Scheduler(Questions, DiskTier, Actor):
     name = "scheduler"
 
     def __init__(
@@ -135,28 +130,10 @@ class Scheduler(DiskTier, Actor):
             seq = self.requests.get(message.request_id)
             if seq is not None:
                 self._finish(seq, message.reason)
-        elif isinstance(message, DeleteConversation):
-            key = scoped(message.tenant, message.conversation_id)
-            message.reply.set_result(self._delete(key))
-        elif isinstance(message, ListConversations):
-            message.reply.set_result(self._list(message.tenant, message.conversation_id))
-        elif isinstance(message, GetStats):
-            stats = engine_stats(self.counters, self.cache, len(self.running), len(self.waiting))
-            message.reply.set_result(stats)
-        elif isinstance(message, CheckAccounting):
-            try:
-                self.cache.check()
-                message.reply.set_result(None)
-            except AssertionError as exc:
-                message.reply.set_result(str(exc) or "accounting check failed")
+        elif isinstance(message, Question):
+            self.answer(message)
         elif isinstance(message, PersistDone | LoadDone):
             self.disk_done(message)
-        elif isinstance(message, ExportConversation):
-            key = scoped(message.tenant, message.conversation_id)
-            exported = self.cache.export(key, self.pools)  # type: ignore[attr-defined]
-            message.reply.set_result(exported)
-        elif isinstance(message, ImportConversation):
-            message.reply.set_result(self._import(message))
         elif isinstance(message, Shutdown):
             for seq in list(self.requests.values()):
                 self._finish(seq, "cancelled")
@@ -185,21 +162,6 @@ class Scheduler(DiskTier, Actor):
         self.waiting.append(seq)
         self.counters.requests += 1
         self.sessions.send(Accepted(rid, public_id(key)))  # type: ignore[union-attr]
-
-    def _list(self, tenant: str, cid: str | None) -> list[ConversationInfo]:
-        known = self.cache.conversations
-        keys = [scoped(tenant, cid)] if cid else [k for k, c in known.items() if c.tenant == tenant]
-        return [conversation_info(self.cache, k, public_id(k)) for k in keys if k in known]
-
-    def _delete(self, cid: str) -> bool:
-        if cid not in self.cache.conversations:
-            return False
-        for seq in [s for s in self.requests.values() if s.conversation_id == cid]:
-            self._finish(seq, "cancelled")
-        if cid in self.cache.conversations:
-            self.cache.delete(cid)
-        self._forget_on_disk()
-        return True
 
     # ---- one step ------------------------------------------------------------------------
 
