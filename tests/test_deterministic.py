@@ -24,6 +24,7 @@ from pensieve.sampling import SamplingParams
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0)
+GREEDY_12 = SamplingParams(temperature=0, max_tokens=12)
 
 
 def with_dtype(loaded: LoadedModel, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -204,3 +205,21 @@ def test_int8_model_logits_bitwise_equal_to_its_own_oracle(tiny: LoadedModel, pr
     want = oracle_logits(model, tokens)
     got = serve_in_pieces(model, tokens, 3, pressure)
     assert not [p for p, row in got.items() if not torch.equal(row, want[p])]
+
+
+@pytest.mark.slow
+def test_quantize_int8_flag_loads_an_int8_default_model_that_still_answers(
+    default_model_dir: Path,
+) -> None:
+    from pensieve.config import EngineConfig
+    from pensieve.reference import reference_generate
+    from pensieve.runtime import load_pretrained
+
+    loaded = load_pretrained(EngineConfig(model=str(default_model_dir), quantize="int8"))
+    linears = [m for m in loaded.model.modules() if hasattr(m, "qweight")]
+    assert linears and all(m.qweight is not None for m in linears)
+    tok = loaded.tokenizer
+    question = "What is the capital of France? Answer in one sentence."
+    prompt = tok.encode_chat([{"role": "user", "content": question}])
+    reply = reference_generate(loaded.model, prompt, GREEDY_12, tok.eos_token_ids)
+    assert "Paris" in tok.decode(reply)
