@@ -11,8 +11,8 @@ Inference", 2025).
 `TILE_ROWS` (the last one zero-padded), each its own call of one shape: the same kernel for
 every row, wherever it sits, by construction. That costs, so each weight is first probed: where
 the layer's own matmul already gives every row the same bits whatever the row count (oneDNN's
-prepacked GEMMs do, bfloat16 and float32, on the CPUs we measured; MKL's float32 GEMM does not),
-the one call is kept.
+prepacked GEMMs do in bfloat16, and in float32 for most shapes, on the CPU we measured; MKL's
+float32 GEMM does not), the one call is kept.
 """
 
 from __future__ import annotations
