@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pensieve import kernels
+
 
 class AttentionBackend(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -54,8 +56,6 @@ def paged_over_contiguous(
 ) -> torch.Tensor:
     """The last q.shape[0] positions of one sequence attending through the paged kernel, its
     rows [S, Hkv, D] seen as blocks 0, 1, 2, ... (the last zero-padded)."""
-    from pensieve import kernels  # the kernels import this module's siblings: import late
-
     s = keys.shape[0]
     pad = -s % block_size
     blocks = -(-s // block_size)

@@ -12,17 +12,18 @@ import torch
 
 from pensieve.attention import ContiguousKV
 from pensieve.model import LlamaForCausalLM
-from pensieve.sampling import RequestSampler, SamplingParams
+from pensieve.sampling import RequestSampler, Sampled, SamplingParams
 
 
-def generate_tokens(
+def generate_sampled(
     model: LlamaForCausalLM,
     prompt: list[int],
     sampling: SamplingParams,
     stop_token_ids: Iterable[int] = (),
     block_size: int | None = None,
-) -> Iterator[int]:
-    """Yield generated token ids until EOS (unless ignore_eos), max_tokens or the context end.
+) -> Iterator[tuple[int, Sampled | None]]:
+    """Yield (token id, its log-probabilities when asked for) until EOS (unless ignore_eos),
+    max_tokens or the context end.
 
     `block_size`: attend in the paged kernel's batch-invariant order over blocks of that size
     (the engine's, for bitwise comparisons with `--deterministic`); None: torch SDPA."""
@@ -38,12 +39,24 @@ def generate_tokens(
     for _ in range(max(limit, 0)):
         positions = torch.arange(position, position + len(inputs), device=model.device)
         hidden = model(inputs, positions, kv)
-        token, _ = sampler.sample(model.logits(hidden[-1:])[0])
-        yield token
+        token, logprobs = sampler.sample(model.logits(hidden[-1:])[0])
+        yield token, logprobs
         if token in stops and not sampling.ignore_eos:
             return
         position += len(inputs)
         inputs = torch.tensor([token], dtype=torch.long, device=model.device)
+
+
+def generate_tokens(
+    model: LlamaForCausalLM,
+    prompt: list[int],
+    sampling: SamplingParams,
+    stop_token_ids: Iterable[int] = (),
+    block_size: int | None = None,
+) -> Iterator[int]:
+    """`generate_sampled`'s token ids only."""
+    for token, _ in generate_sampled(model, prompt, sampling, stop_token_ids, block_size):
+        yield token
 
 
 def reference_generate(

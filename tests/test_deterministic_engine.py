@@ -10,16 +10,16 @@ import random
 import pytest
 import torch
 
-from pensieve.attention import ContiguousKV
 from pensieve.config import EngineConfig
 from pensieve.engine import Engine
 from pensieve.model import LlamaForCausalLM
 from pensieve.policy import CostModel
+from pensieve.reference import generate_sampled
 from pensieve.runtime import LoadedModel
-from pensieve.sampling import RequestSampler, SamplingParams
+from pensieve.sampling import SamplingParams
 from tests.test_deterministic import BLOCK, with_dtype
+from tests.test_engine_invariant import WORDS
 
-WORDS = "the a cat dog sees runs blue red tree house why how many seven rivers quietly".split()
 PRESSURES = {  # name: (device tokens, host tokens); prompts reach ~250 tokens
     "no-eviction": (8192, 8192),
     "swap-only": (512, 8192),
@@ -70,18 +70,10 @@ async def replay(engine: Engine, n_convs: int, turns: int, seed: int, at_once: i
 
 def oracle_reply(model: LlamaForCausalLM, prompt: list[int], sampling: SamplingParams, eos):
     """Tokens and log-probabilities of the whole history served from scratch."""
-    sampler = RequestSampler(sampling, model.device)
-    kv = ContiguousKV(model.config.num_hidden_layers, BLOCK)
-    inputs, position, tokens, bits = torch.tensor(prompt), 0, [], []
-    for _ in range(sampling.max_tokens):
-        hidden = model(inputs, torch.arange(position, position + len(inputs)), kv)
-        token, lp = sampler.sample(model.logits(hidden[-1:])[0])
+    tokens, bits = [], []
+    for token, lp in generate_sampled(model, prompt, sampling, eos, block_size=BLOCK):
         tokens.append(token)
         bits.append((token, lp.logprob, list(zip(lp.top_ids, lp.top_logprobs, strict=True))))
-        if token in eos:
-            break
-        position += len(inputs)
-        inputs = torch.tensor([token])
     return tokens, bits
 
 
