@@ -7,13 +7,12 @@ request is served."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections import Counter
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_server import TinyServer, auth, chat, serve_tiny, wait_until
+from tiny_server import TinyServer, auth, chat, read_events, serve_tiny, wait_until
 
 from pensieve.runtime import LoadedModel
 from pensieve.server.state import ServerOptions
@@ -23,18 +22,6 @@ KEYS = ("load-key-a", "load-key-b")
 ACTIONS = ["finish"] * 8 + ["disconnect"] * 4 + ["cancel"] * 3 + ["delete"] * 3 + ["whole"] * 2
 WORDS = "river tree stone cloud bird lamp road hill sea wind fire snow".split()
 CHAT = "/v1/chat/completions"
-
-
-async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) -> list[object]:
-    events: list[object] = []
-    async for raw in resp.content:
-        line = raw.decode().strip()
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-            if limit is not None and len(events) >= limit:
-                break
-    return events
 
 
 def check_ending(events: list[object]) -> str:

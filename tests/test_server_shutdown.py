@@ -5,7 +5,6 @@ with a final error chunk and [DONE] when it is over; the process exits 0."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from tiny_server import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,7 @@ async def stream(http: aiohttp.ClientSession, url: str, key: str, tokens: int) -
     headers = {"Authorization": f"Bearer {key}"}
     async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
         assert resp.status == 200
-        events: list[object] = []
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line.startswith("data: "):
-                data = line[len("data: ") :]
-                events.append(data if data == "[DONE]" else json.loads(data))
-        return events
+        return await read_events(resp)
 
 
 async def test_sigterm_ends_every_stream_within_the_grace_period(

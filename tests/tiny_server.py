@@ -64,6 +64,19 @@ def sse_events(raw: bytes) -> list[Any]:
     return events
 
 
+async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) -> list[object]:
+    """A streamed response's `data:` payloads as they arrive (up to `limit`), like sse_events."""
+    events: list[object] = []
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+            if limit is not None and len(events) >= limit:
+                break
+    return events
+
+
 def chat(text: str, **fields: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": text}], **fields}
 
