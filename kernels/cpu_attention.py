@@ -7,8 +7,11 @@ The attention kernel reads the paged pool in place (no gather copy). Why it is s
 - online softmax per key tile (one pool block), not per key;
 - `exp2` by exponent bits plus a polynomial, because `math.exp` is a scalar libm call that
   blocks vectorisation here;
-- rows in pairs x keys in fours, head dim innermost (contiguous, vectorised): each K/V load
-  feeds several FMAs and the accumulator rows are stored a quarter as often;
+- one row at a time through the same code (`_row_tile`), head dim innermost (contiguous,
+  vectorised), so a row's sums run in one order wherever it sits in the batch; every helper is
+  inlined into the work item's loop: as calls, each passed its arrays with reference counts
+  (atomic, shared between the threads), which cost more than the arithmetic (a step measured
+  ~20% slower);
 - the next block's rows are prefetched while this one is computed: the blocks of a sequence
   lie anywhere in the pool, where the hardware prefetcher cannot follow;
 - bfloat16 and float16 pools are read as uint16 bits and widened to float32 once per key tile.
@@ -34,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._args import check_paged_attention, check_write_kv
-from .cpu_sdpa import attend_sequence
+from .cpu_sdpa import SequenceAttention
 
 QUERY_ROWS = 48  # (query, head) rows per work item: queries per tile = QUERY_ROWS // group
 TORCH_MIN_QUERIES = 16  # sequences with this many query rows go to cpu_sdpa (measured there)
@@ -142,7 +145,7 @@ def _key_tile_impl(pool, blk, h, n, fmt, scratch):
     return widen
 
 
-@njit(**_FAST)
+@njit(inline="always", **_FAST)
 def _prefetch_block(kc, vc, blk, h):
     """Ask for every cache line of head h's rows of block blk, in K and V."""
     step = max(1, 64 // kc.itemsize)
@@ -152,86 +155,51 @@ def _prefetch_block(kc, vc, blk, h):
             _prefetch(vc, blk, j, h, e)
 
 
-@njit(**_FAST)
-def _scores_pair(qf, r, ks, kb, kh, s, width):
-    """s[r:r+2, :width] = q rows r, r+1 . keys 0..width-1 (width a multiple of 4)."""
-    for j in range(0, width, 4):
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+@njit(inline="always", **_FAST)
+def _row_tile(qf, r, ks, kb, kh, vs, vb, vh, nv, s, m, den, acc):
+    """Row r over one key tile: its first nv keys (nv >= 1) scored, folded into the row's
+    online softmax and accumulated. Every row runs this same code, whatever its neighbours."""
+    cols = (nv + 3) // 4 * 4  # keys nv..cols-1 are scored but weigh exactly 0
+    for j in range(cols):
+        dot = np.float32(0.0)
         for e in range(qf.shape[1]):
-            k0 = ks[kb, j, kh, e]
-            k1 = ks[kb, j + 1, kh, e]
-            k2 = ks[kb, j + 2, kh, e]
-            k3 = ks[kb, j + 3, kh, e]
-            x = qf[r, e]
-            y = qf[r + 1, e]
-            a0 += x * k0
-            a1 += x * k1
-            a2 += x * k2
-            a3 += x * k3
-            b0 += y * k0
-            b1 += y * k1
-            b2 += y * k2
-            b3 += y * k3
-        s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a0, a1, a2, a3
-        s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = b0, b1, b2, b3
-
-
-@njit(**_FAST)
-def _values_pair(s, r, vs, vb, vh, acc, width):
-    """acc[r:r+2] += s[r:r+2, :width] @ values 0..width-1 (width a multiple of 4)."""
-    for j in range(0, width, 4):
-        p0, p1, p2, p3 = s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3]
-        u0, u1, u2, u3 = s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3]
-        for e in range(acc.shape[1]):
-            v0 = vs[vb, j, vh, e]
-            v1 = vs[vb, j + 1, vh, e]
-            v2 = vs[vb, j + 2, vh, e]
-            v3 = vs[vb, j + 3, vh, e]
-            acc[r, e] += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3
-            acc[r + 1, e] += u0 * v0 + u1 * v1 + u2 * v2 + u3 * v3
-
-
-@njit(**_FAST)
-def _softmax_step(s, r, nv, width, m, den, acc):
-    """Online softmax over this tile's first nv scores of row r; zero the rest up to width."""
-    if nv <= 0:  # this row sees none of the tile's keys
-        for j in range(width):
-            s[r, j] = 0
-        return
+            dot += qf[r, e] * ks[kb, j, kh, e]
+        s[j] = dot
     mx = m[r]
     for j in range(nv):
-        mx = max(mx, s[r, j])
+        mx = max(mx, s[j])
     total = np.float32(0.0)
-    for j in range(nv):
-        p = _exp2(s[r, j] - mx)
-        s[r, j] = p
+    for j in range(cols):
+        p = _exp2(s[j] - mx) if j < nv else np.float32(0.0)
+        s[j] = p
         total += p
-    for j in range(nv, width):
-        s[r, j] = 0
     alpha = _exp2(m[r] - mx)
     m[r] = mx
     den[r] = den[r] * alpha + total
-    if alpha != 1:
+    for e in range(acc.shape[1]):
+        acc[r, e] *= alpha
+    for j in range(0, cols, 4):
+        p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
         for e in range(acc.shape[1]):
-            acc[r, e] *= alpha
+            acc[r, e] += (
+                p0 * vs[vb, j, vh, e] + p1 * vs[vb, j + 1, vh, e]
+                + p2 * vs[vb, j + 2, vh, e] + p3 * vs[vb, j + 3, vh, e]
+            )  # fmt: skip
 
 
-@njit(**_FAST)
+@njit(inline="always", **_FAST)
 def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
     """Attention of queries lo..hi-1 (all heads of KV group h) over one sequence's pages."""
     d = q.shape[2]
     block_size = kc.shape[1]
     width = (block_size + 3) // 4 * 4
     rows = (hi - lo) * group
-    # Rows go through the pair loops two at a time; an odd count gets a discarded twin of its
-    # last row, so every row takes the same code (and sums in the same order) wherever it sits.
-    paired = rows + rows % 2
-    qf = np.empty((paired, d), np.float32)
-    acc = np.zeros((paired, d), np.float32)
-    m = np.full(paired, _NEG, np.float32)
-    den = np.zeros(paired, np.float32)
-    limit = np.empty(paired, np.int64)
-    s = np.empty((paired, width), np.float32)
+    qf = np.empty((rows, d), np.float32)
+    acc = np.zeros((rows, d), np.float32)
+    m = np.full(rows, _NEG, np.float32)
+    den = np.zeros(rows, np.float32)
+    limit = np.empty(rows, np.int64)
+    s = np.empty(width, np.float32)
     kbuf = np.empty((1, width, 1, d), np.float32)
     vbuf = np.empty((1, width, 1, d), np.float32)
     kmax = 0
@@ -243,26 +211,16 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
             limit[r] = lim
             for e in range(d):
                 qf[r, e] = q[lo + i, h * group + g, e] * c
-    if paired > rows:
-        limit[rows] = limit[rows - 1]
-        for e in range(d):
-            qf[rows, e] = qf[rows - 1, e]
     for start in range(0, kmax, block_size):
         if start + block_size < kmax:
             _prefetch_block(kc, vc, table[start // block_size + 1], h)
         n = min(block_size, kmax - start)
         ks, kb, kh = _key_tile(kc, table[start // block_size], h, n, fmt, kbuf)
         vs, vb, vh = _key_tile(vc, table[start // block_size], h, n, fmt, vbuf)
-        for r in range(0, paired, 2):
-            nv0 = min(n, limit[r] - start)
-            nv1 = min(n, limit[r + 1] - start)
-            if nv0 <= 0 and nv1 <= 0:
-                continue
-            cols = (max(nv0, nv1) + 3) // 4 * 4
-            _scores_pair(qf, r, ks, kb, kh, s, cols)
-            _softmax_step(s, r, max(nv0, 0), cols, m, den, acc)
-            _softmax_step(s, r + 1, max(nv1, 0), cols, m, den, acc)
-            _values_pair(s, r, vs, vb, vh, acc, cols)
+        for r in range(rows):
+            nv = min(n, limit[r] - start)
+            if nv > 0:
+                _row_tile(qf, r, ks, kb, kh, vs, vb, vh, nv, s, m, den, acc)
     for i in range(hi - lo):
         for g in range(group):
             r = i * group + g
@@ -345,11 +303,14 @@ class CpuStep:
         counts = [hi - lo for lo, hi in zip(self.starts[:-1], self.starts[1:], strict=True)]
         least = {"auto": TORCH_MIN_QUERIES, "numba": self.starts[-1] + 1, "sdpa": 1}[impl]
         self.skip = np.array([n >= least for n in counts], dtype=np.uint8)
-        self.tensors = (block_tables, query_positions, context_lens)
         self.arrays = tuple(
             t.to(torch.int32).contiguous().numpy()
             for t in (block_tables, query_start, query_positions, context_lens)
         )
+        self.block_tables, self.query_positions, self.context_lens = (
+            block_tables, query_positions, context_lens,
+        )  # fmt: skip
+        self._by_sdpa: list[tuple[int, int, SequenceAttention]] | None = None  # at first use
         self.query_tile = query_tile
 
     def attention(
@@ -359,14 +320,27 @@ class CpuStep:
         if q.shape[0] and not self.skip.all():
             self._run_kernel(q, k_cache, v_cache, scale, out)
         out = out if q.dtype == torch.float32 else out.to(q.dtype)
-        tables, positions, context_lens = self.tensors
-        for b in np.flatnonzero(self.skip):
-            lo, hi = self.starts[b], self.starts[b + 1]
-            out[lo:hi] = attend_sequence(
-                q[lo:hi], k_cache, v_cache, tables[b], int(context_lens[b]),
-                positions[lo:hi], scale,
-            )  # fmt: skip
+        for lo, hi, sequence in self._sdpa_sequences(
+            k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+        ):
+            out[lo:hi] = sequence.attend(q[lo:hi], k_cache, v_cache, scale)
         return out
+
+    def _sdpa_sequences(
+        self, block_size: int, group: int
+    ) -> list[tuple[int, int, SequenceAttention]]:
+        """(first row, end row, its `SequenceAttention`) of each sequence `cpu_sdpa` takes,
+        built at the first layer and reused by the rest."""
+        if self._by_sdpa is None:
+            self._by_sdpa = []
+            for b in np.flatnonzero(self.skip):
+                lo, hi = self.starts[b], self.starts[b + 1]
+                sequence = SequenceAttention(
+                    self.block_tables[b], int(self.context_lens[b]),
+                    self.query_positions[lo:hi], block_size, group,
+                )  # fmt: skip
+                self._by_sdpa.append((lo, hi, sequence))
+        return self._by_sdpa
 
     def _run_kernel(self, q, k_cache, v_cache, scale: float, out: torch.Tensor) -> None:
         """The Numba kernel into the float32 `out` for every sequence not skipped."""

@@ -31,25 +31,38 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, key: str) -> torch.Tensor
     return out
 
 
-def attend_sequence(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    table: torch.Tensor,
-    context_len: int,
-    positions: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Query rows q [n, Hq, D] of one sequence at `positions` over its first context_len keys."""
-    n, hq, d = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = hq // hkv
-    blocks = table[: -(-context_len // block_size)].long()
-    keys = _gather(k_cache, blocks, "k").view(-1, hkv, d)[:context_len].transpose(0, 1)
-    values = _gather(v_cache, blocks, "v").view(-1, hkv, d)[:context_len].transpose(0, 1)
-    # the GQA group folded into the query rows: [1, Hkv, group * n, D] (SDPA's fastest form)
-    qg = q.view(n, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * n, d)
-    visible = torch.arange(context_len)[None, :] <= positions.long()[:, None]
-    mask = None if bool(visible.all()) else visible.repeat(group, 1)
-    out = F.scaled_dot_product_attention(qg, keys[None], values[None], attn_mask=mask, scale=scale)
-    return out.view(hkv, group, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+class SequenceAttention:
+    """One sequence's query rows at `positions` over its first context_len keys: what does not
+    change from layer to layer (its blocks, its mask) is built once per step, here."""
+
+    def __init__(
+        self, table: torch.Tensor, context_len: int, positions: torch.Tensor, block_size: int,
+        group: int,
+    ):  # fmt: skip
+        self.context_len = context_len
+        self.blocks = table[: -(-context_len // block_size)].long()
+        visible = torch.arange(context_len)[None, :] <= positions.long()[:, None]
+        # rows of the folded query are (group member, query): the mask repeats per member
+        self.mask = None if bool(visible.all()) else visible.repeat(group, 1)
+        self.bias: torch.Tensor | None = None  # the mask as SDPA adds it (0 / -inf), at first use
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q [n, Hq, D] -> [n, Hq, D]."""
+        n, hq, d = q.shape
+        hkv = k_cache.shape[2]
+        group = hq // hkv
+        ctx = self.context_len
+        keys = _gather(k_cache, self.blocks, "k").view(-1, hkv, d)[:ctx].transpose(0, 1)
+        values = _gather(v_cache, self.blocks, "v").view(-1, hkv, d)[:ctx].transpose(0, 1)
+        # the GQA group folded into the query rows: [1, Hkv, group * n, D] (SDPA's fastest form)
+        qg = q.view(n, hkv, group, d).permute(1, 2, 0, 3).reshape(1, hkv, group * n, d)
+        if self.mask is not None and (self.bias is None or self.bias.dtype != q.dtype):
+            # what SDPA would derive from the boolean mask in every layer, derived once
+            self.bias = torch.zeros(self.mask.shape, dtype=q.dtype)
+            self.bias.masked_fill_(~self.mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            qg, keys[None], values[None], attn_mask=self.bias, scale=scale
+        )
+        return out.view(hkv, group, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
