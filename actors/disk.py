@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from pensieve.actors.base import Actor
 from pensieve.block_allocator import KVPool
+from pensieve.compute_thread import helper_executor
 from pensieve.disk_store import PENDING, ChunkRef, CorruptChunk, DiskStore
 from pensieve.messages import ForgetOnDisk, LoadDone, LoadOrder, PersistDone, PersistOrder
 
@@ -28,7 +28,7 @@ class DiskActor(Actor):
         super().__init__()
         self.store = store
         self.pools = {"device": device_pool, "host": host_pool}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-disk")
+        self.worker = helper_executor("pensieve-disk")
         self.written: dict[str, int] = {}  # uid -> CRC-32 of files written and not deleted
 
     async def handle(self, message: object) -> None:

@@ -1,19 +1,20 @@
 """The executor actor: runs one forward step over the whole batch, then samples.
 
-Compute runs on a worker thread so the event loop keeps streaming tokens and taking requests
-while the model works. The step waits for a restore only through the plan's LayerProgress.
+Compute runs on the process's compute thread (`pensieve.compute_thread`) so the event loop keeps
+streaming tokens and taking requests while the model works. The step waits for a restore only
+through the plan's LayerProgress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from pensieve.actors.base import Actor
 from pensieve.block_allocator import KVPool
+from pensieve.compute_thread import compute_executor
 from pensieve.messages import Forget, SequenceRows, StepPlan, StepResult
 from pensieve.model import LlamaForCausalLM
 from pensieve.paged import PagedAttentionBackend, StepMetadata
@@ -31,7 +32,7 @@ class Executor(Actor):
         # torch's thread count where the engine was built, for the compute thread too (a new
         # thread may start with another; the count decides how torch splits its reductions)
         self.threads = torch.get_num_threads()
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-compute")
+        self.worker = compute_executor()  # shared: the process's one multi-threaded torch user
         self.samplers: dict[int, RequestSampler] = {}  # request id -> its sampling state
 
     async def handle(self, message: StepPlan | Forget) -> None:
@@ -95,4 +96,5 @@ class Executor(Actor):
 
     async def stop(self) -> None:
         await super().stop()
-        self.worker.shutdown(wait=True)
+        # the thread outlives this engine: wait for the step in flight (jobs run in order)
+        await asyncio.get_running_loop().run_in_executor(self.worker, lambda: None)

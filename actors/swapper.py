@@ -30,13 +30,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from pensieve.actors.base import Actor
 from pensieve.block_allocator import KVPool
 from pensieve.block_copy import BlockCopier, check_runs, coalesce, pick_copier
+from pensieve.compute_thread import helper_executor
 from pensieve.messages import LayerProgress, SwapDone, SwapOrder
 
 log = logging.getLogger("pensieve.swapper")
@@ -56,7 +56,7 @@ class Swapper(Actor):
         self.copier = copier or pick_copier(device, self.stream)
         if self.stream is not None and host_pool is not None and not host_pool.keys.is_pinned():
             log.warning("the host tier is not pinned: swaps will be synchronous and slow")
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pensieve-copy")
+        self.worker = helper_executor("pensieve-copy")
 
     async def handle(self, message: SwapOrder) -> None:
         loop = asyncio.get_running_loop()

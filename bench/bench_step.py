@@ -240,8 +240,7 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
             plan = StepPlan(len(timed), rows, loop.create_future())
             timed.append((case, rows, time_case(executor, plan, device, repeats, seconds)))
             print(f"{case.name}: {spread(timed[-1][2])['median_ms']:.2f} ms", file=sys.stderr)
-    finally:
-        executor.worker.shutdown()
+    finally:  # the executor's thread is the process's compute thread: it stays
         loop.close()
     runs = [machine, limits.measure(cfg, model.dtype, device)]  # before and after the cases
     machine = limits.best(runs)

@@ -30,6 +30,7 @@ from pensieve.actors.swapper import Swapper
 from pensieve.batch_invariant import make_batch_invariant
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
+from pensieve.compute_thread import run_on_compute_thread
 from pensieve.config import EngineConfig
 from pensieve.disk_store import DiskStore, fingerprint
 from pensieve.durable import DurableCache
@@ -179,14 +180,14 @@ class Engine:
         if cfg.mode not in ("stateful", "stateless", "device-only"):
             raise InvalidRequestError(f"unknown mode {cfg.mode!r}", param="mode")
         if self._loaded is None:
-            self._loaded = await asyncio.to_thread(load_pretrained, cfg)
+            self._loaded = await run_on_compute_thread(load_pretrained, cfg)
         model = self._loaded.model
         if cfg.deterministic and model.device.type != "cpu":
             raise InvalidRequestError(
                 "--deterministic is built for CPU only so far", param="deterministic"
             )
-        await asyncio.to_thread(pack_for_cpu, model)  # no-op where load_pretrained did it
-        linears = await asyncio.to_thread(make_batch_invariant, model, cfg.deterministic)
+        await run_on_compute_thread(pack_for_cpu, model)  # no-op where load_pretrained did it
+        linears = await run_on_compute_thread(make_batch_invariant, model, cfg.deterministic)
         if cfg.deterministic:
             tiled = sorted(name for name, how in linears.items() if how == "tiles")
             log.info("deterministic: %d of %d matmuls in fixed tiles", len(tiled), len(linears))
@@ -194,7 +195,7 @@ class Engine:
         self.max_context = mc.max_position_embeddings
         if self._cost_model is None:
             self._cost_model = (
-                await asyncio.to_thread(
+                await run_on_compute_thread(
                     profile_chunk_cost, model, cfg.block_size, min(self.max_context, 8192)
                 )
                 if cfg.profile_cost
@@ -228,7 +229,7 @@ class Engine:
                 )
             store = DiskStore(cfg.state_dir, await self.fingerprint())
             records = await asyncio.to_thread(store.load_records)
-            read_seconds = await asyncio.to_thread(profile_disk_read, store, host_pool)
+            read_seconds = await run_on_compute_thread(profile_disk_read, store, host_pool)
             cache: TieredCache = DurableCache(
                 cfg.block_size, device_blocks, host_blocks, self._cost_model,
                 disk_blocks=max(1, cfg.disk_cache_tokens // cfg.block_size),

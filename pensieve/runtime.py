@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pensieve.attention import ContiguousKV
+from pensieve.compute_thread import on_compute_thread
 from pensieve.config import EngineConfig
 from pensieve.cuda_setup import ensure_cuda_kernels
 from pensieve.linear import pack_for_cpu
@@ -36,10 +37,16 @@ class LoadedModel:
 
 
 def load_pretrained(config: EngineConfig) -> LoadedModel:
-    """Resolve, load and validate the model and tokenizer named by `config.model`.
+    """Resolve, load and validate the model and tokenizer named by `config.model`, on the
+    compute thread (see `pensieve.compute_thread`: the thread that converts the weights with
+    torch's threads would otherwise keep a second OpenMP team alive and slow every step).
 
     On a CUDA device it first checks that the attention kernels can be compiled there
     (ModelLoadError naming the CUDA extra to install otherwise)."""
+    return on_compute_thread(_load_pretrained, config)
+
+
+def _load_pretrained(config: EngineConfig) -> LoadedModel:
     started = time.perf_counter()
     device = pick_device(config.device)
     if device.type == "cuda":  # fail in one clear line before loading anything
@@ -62,8 +69,14 @@ def profile_chunk_cost(
     """Time the forward of one chunk after l cached tokens, for l = 0 and powers of two.
 
     This is Cost(l) of the retention value: a constant part (the MLPs and projections) plus
-    attention that grows with l.
+    attention that grows with l. Timed on the compute thread, where steps run.
     """
+    return on_compute_thread(_profile_chunk_cost, model, chunk_tokens, max_context, repeats)
+
+
+def _profile_chunk_cost(
+    model: LlamaForCausalLM, chunk_tokens: int, max_context: int, repeats: int
+) -> CostModel:
     cfg = model.config
     device = model.device
 
