@@ -3,21 +3,23 @@
 Why one: torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that
 has run a parallel region, for as long as that thread lives, and once it manages more threads
 than there are CPUs it spins only briefly between regions: the workers sleep, and each of a
-step's hundreds of parallel ops pays for waking them. Measured on 2 cores (same 16-row decode
-steps, same process): ~100 ms, and ~130 ms once a second live thread had run one 2-thread
-matmul. The engine used to load and profile the model on asyncio's helper thread and step on
-its own: two teams. So loading, profiling and every step run on this one thread, and helper
-threads (copies, disk) run torch on one thread (no team). Not solved by this: a master that is
-not the process's main thread still counts one thread over 2 CPUs (steps measured ~1.4x those
-run on the main thread); see bench/README.md.
+step's hundreds of parallel ops pays for waking them. The engine used to load the model on
+asyncio's helper thread, zero its KV pools on the event loop's thread and step on a third: three
+teams. Measured on 2 cores (same 16-row decode plans captured from the ShareGPT replay, one
+process): ~116-120 ms a step with one team, on the main thread or on another alike, ~150 ms
+with a second team alive; in the replay the OpenMP worker went from ~55% busy to ~100%, and
+decode steps of 12-16 rows from ~135 to ~100 ms. So loading, profiling, the pools' zero fill
+and every step run on this thread; helper threads (copies, disk) and the event loop's copies
+(export, import) run torch on one thread (no team).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -73,6 +75,18 @@ def single_torch_thread() -> None:
     never start an OpenMP team of their own (OpenMP's thread count is per thread; threads that
     already run keep theirs, and the executor sets its own before every step)."""
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Torch ops inside run on the calling thread alone: for copies on the event loop's thread
+    (export, import), which would otherwise start a team there for as long as it lives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def helper_executor(name: str) -> ThreadPoolExecutor:

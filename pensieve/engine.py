@@ -30,7 +30,7 @@ from pensieve.actors.swapper import Swapper
 from pensieve.batch_invariant import make_batch_invariant
 from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
-from pensieve.compute_thread import run_on_compute_thread
+from pensieve.compute_thread import run_on_compute_thread, single_threaded_torch
 from pensieve.config import EngineConfig
 from pensieve.disk_store import DiskStore, fingerprint
 from pensieve.durable import DurableCache
@@ -211,11 +211,14 @@ class Engine:
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
         layout = (cfg.block_size, mc.num_key_value_heads, mc.head_dim, model.dtype)
         layers = mc.num_hidden_layers
-        device_pool = KVPool.empty(layers, device_blocks, *layout, device=model.device)
+        # zero-filled with torch's threads: on the compute thread, like every parallel op
+        device_pool = await run_on_compute_thread(
+            KVPool.empty, layers, device_blocks, *layout, device=model.device
+        )
         host_pool = None
         if host_blocks:
-            host_pool = KVPool.empty(
-                layers, host_blocks, *layout, device=torch.device("cpu"), pin_memory=True
+            host_pool = await run_on_compute_thread(
+                KVPool.empty, layers, host_blocks, *layout, torch.device("cpu"), pin_memory=True
             )
         self._layout = (layers, mc.num_key_value_heads, mc.head_dim)
         pools = {"device": device_pool, "host": host_pool}
@@ -349,14 +352,18 @@ class Engine:
         if found is None:
             raise NotFoundError(f"no conversation {conversation_id!r}", param="conversation_id")
         record, chunks = found
-        return encode_export(record, chunks, await self.fingerprint())
+        fingerprint = await self.fingerprint()
+        with single_threaded_torch():
+            return encode_export(record, chunks, fingerprint)
 
     async def import_conversation(
         self, data: bytes, conversation_id: str, tenant: str = ""
     ) -> ConversationInfo:
         """Restore an exported conversation under `conversation_id` (replacing an idle one).
         ConflictError (409) if it was written for another model or the id is in use."""
-        record, chunks = decode_export(data, await self.fingerprint())
+        fingerprint = await self.fingerprint()
+        with single_threaded_torch():
+            record, chunks = decode_export(data, fingerprint)
         problem = await self._ask(
             self._scheduler,
             ImportConversation,
