@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pensieve.actors.scheduler_disk import public_id, scoped
+from pensieve.compute_thread import single_threaded_torch
 from pensieve.messages import (
     CheckAccounting,
     DeleteConversation,
@@ -60,9 +61,11 @@ class Questions:
                 message.reply.set_result(str(exc) or "accounting check failed")
         elif isinstance(message, ExportConversation):
             key = scoped(message.tenant, message.conversation_id)
-            message.reply.set_result(self.cache.export(key, self.pools))
+            with single_threaded_torch():  # KV copies on the event loop's thread
+                message.reply.set_result(self.cache.export(key, self.pools))
         else:
-            message.reply.set_result(self._import(message))  # type: ignore[attr-defined]
+            with single_threaded_torch():
+                message.reply.set_result(self._import(message))  # type: ignore[attr-defined]
 
     def _list(self, tenant: str, cid: str | None) -> list[ConversationInfo]:
         known = self.cache.conversations

@@ -70,13 +70,6 @@ async def run_on_compute_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     return await loop.run_in_executor(compute_executor(), functools.partial(fn, *args, **kwargs))
 
 
-def single_torch_thread() -> None:
-    """Initializer of helper threads: torch runs their ops on the calling thread alone, so they
-    never start an OpenMP team of their own (OpenMP's thread count is per thread; threads that
-    already run keep theirs, and the executor sets its own before every step)."""
-    torch.set_num_threads(1)
-
-
 @contextlib.contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """Torch ops inside run on the calling thread alone: for copies on the event loop's thread
@@ -90,7 +83,9 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def helper_executor(name: str) -> ThreadPoolExecutor:
-    """A one-thread pool for copies or file I/O whose torch ops stay single-threaded."""
+    """A one-thread pool for copies or file I/O whose torch ops run on that thread alone, so it
+    never starts an OpenMP team (OpenMP's thread count is per thread; threads already running
+    keep theirs, and the executor sets its own before every step)."""
     return ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix=name, initializer=single_torch_thread
+        max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,)
     )

@@ -18,7 +18,6 @@ from collections.abc import Callable
 import torch
 
 from pensieve.cache import TieredCache, _ceil_div
-from pensieve.compute_thread import single_threaded_torch
 from pensieve.conversation import Chunk, Conversation
 from pensieve.disk_store import PENDING, ChunkRef, ConversationRecord
 from pensieve.messages import ChunkWrite
@@ -220,9 +219,8 @@ class DurableCache(TieredCache):
             block = self._host_block() if kv is not None else None
             if block is None:
                 break
-            with single_threaded_torch():  # on the event loop's thread (compute_thread)
-                host.keys[:, block].copy_(kv[0])  # type: ignore[index]
-                host.values[:, block].copy_(kv[1])  # type: ignore[index]
+            host.keys[:, block].copy_(kv[0])  # type: ignore[index]
+            host.values[:, block].copy_(kv[1])  # type: ignore[index]
             conv.chunks[i].host, lowest = block, i
         conv.dropped, conv.loading = lowest, False
         self._reindex(conv)
@@ -243,6 +241,5 @@ class DurableCache(TieredCache):
                 out.append(None)
                 continue
             pool = pools[tier]
-            with single_threaded_torch():  # on the event loop's thread (compute_thread)
-                out.append((pool.keys[:, block].cpu().clone(), pool.values[:, block].cpu().clone()))
+            out.append((pool.keys[:, block].cpu().clone(), pool.values[:, block].cpu().clone()))
         return record, out
