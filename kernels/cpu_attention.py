@@ -43,7 +43,9 @@ from ._args import check_paged_attention, check_write_kv
 from .cpu_sdpa import SequenceAttention
 
 QUERY_ROWS = 48  # (query, head) rows per work item: queries per tile = QUERY_ROWS // group
-ROWS_PER_PASS = 3  # rows sharing each K/V load (`_rows_tile`): the default model's GQA group
+# rows sharing each K/V load: the default model's GQA group; fixed by `_rows_tile`'s three
+# accumulators (d0, d1, d2 and p0, p1, p2), which change with it
+ROWS_PER_PASS = 3
 TORCH_MIN_QUERIES = 16  # sequences with this many query rows go to cpu_sdpa (measured there)
 _FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _LOG2E = 1.4426950408889634
@@ -157,26 +159,23 @@ def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc):
         s[1, j] = d1
         s[2, j] = d2
     for g in range(ROWS_PER_PASS):
-        nv = min(n, limit[r + g] - start)
-        if nv <= 0:  # this row sees none of the tile's keys
-            for j in range(n_max):
-                s[g, j] = 0
-            continue
-        mx = m[r + g]
-        for j in range(nv):
-            mx = max(mx, s[g, j])
-        total = np.float32(0.0)
-        for j in range(nv):
-            p = _exp2(s[g, j] - mx)
-            s[g, j] = p
-            total += p
+        nv = max(0, min(n, limit[r + g] - start))  # 0: the row sees none of the tile's keys
+        if nv > 0:
+            mx = m[r + g]
+            for j in range(nv):
+                mx = max(mx, s[g, j])
+            total = np.float32(0.0)
+            for j in range(nv):
+                p = _exp2(s[g, j] - mx)
+                s[g, j] = p
+                total += p
+            alpha = _exp2(m[r + g] - mx)
+            m[r + g] = mx
+            den[r + g] = den[r + g] * alpha + total
+            for e in range(d):
+                acc[r + g, e] *= alpha
         for j in range(nv, n_max):
             s[g, j] = 0
-        alpha = _exp2(m[r + g] - mx)
-        m[r + g] = mx
-        den[r + g] = den[r + g] * alpha + total
-        for e in range(d):
-            acc[r + g, e] *= alpha
     for j in range(n_max):
         p0, p1, p2 = s[0, j], s[1, j], s[2, j]
         for e in range(d):
