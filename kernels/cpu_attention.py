@@ -137,12 +137,11 @@ def _prefetch_block(kc, vc, blk, h):
 
 
 @njit(inline="always", **_FAST)
-def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc):
+def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d):
     """Rows r, r+1, r+2 over one key tile (block blk's first n keys, head h): every K and V
     element is read and widened once for the three rows. Each row scores the keys any of the
     three sees, then keeps only its own (the others weigh exactly 0), so a row's sums run in
     one order whatever its neighbours."""
-    d = qf.shape[1]
     n_max = 0
     for g in range(ROWS_PER_PASS):
         n_max = max(n_max, min(n, limit[r + g] - start))
@@ -186,9 +185,9 @@ def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc):
 
 
 @njit(inline="always", **_FAST)
-def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
-    """Attention of queries lo..hi-1 (all heads of KV group h) over one sequence's pages."""
-    d = q.shape[2]
+def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out, d):
+    """Attention of queries lo..hi-1 (all heads of KV group h) over one sequence's pages;
+    d is the head dim (a literal where specialised: see `_paged_attention`)."""
     block_size = kc.shape[1]
     rows = (hi - lo) * group
     padded = -(-rows // ROWS_PER_PASS) * ROWS_PER_PASS  # padding rows: zero q, see no key
@@ -213,7 +212,7 @@ def _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out):
         n = min(block_size, kmax - start)
         blk = table[start // block_size]
         for r in range(0, padded, ROWS_PER_PASS):
-            _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc)
+            _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d)
     for i in range(hi - lo):
         for g in range(group):
             r = i * group + g
@@ -238,7 +237,13 @@ def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, skip, o
         b = np.searchsorted(tile_start, tile, side="right") - 1
         lo = starts[b] + (tile - tile_start[b]) * qtile
         hi = min(lo + qtile, starts[b + 1])
-        _attend_tile(q, kc, vc, tables[b], lo, hi, h, group, pos, ctx[b], c, fmt, out)
+        table, n = tables[b], ctx[b]
+        if q.shape[2] == 64:  # the head dim as a literal: loops unrolled, no remainder
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, 64)
+        elif q.shape[2] == 128:
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, 128)
+        else:
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, q.shape[2])
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:

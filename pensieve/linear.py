@@ -72,7 +72,18 @@ def pack_for_cpu(model: nn.Module) -> int:
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             continue
         if module.packed is None:
-            with torch.inference_mode():
-                module.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+            module.packed = _reorder(w)
+            if module.packed is None:  # this CPU has no oneDNN kernel for the dtype
+                return count
         count += 1
     return count
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of w, or None where oneDNN refuses the dtype on this CPU (its
+    bf16 reorder needs avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU runs F.linear)."""
+    try:
+        with torch.inference_mode():
+            return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+    except RuntimeError:
+        return None
