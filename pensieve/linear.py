@@ -3,7 +3,8 @@
 - On CPU the weight is prepacked once into oneDNN's blocked layout (`pack_for_cpu`): a decode
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
-- `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`).
+- `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
+  torch's int8 matmul where it is vectorised (AVX-512), by `kernels/cpu_int8.py` elsewhere.
 - `tile_rows` > 0 runs the rows in fixed tiles (set by `batch_invariant` where needed).
 The dense `weight` stays the source of truth (state dict, tied embeddings, fingerprints).
 """
@@ -16,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pensieve.kernels.cpu_int8 import int8_matmul, torch_int8_is_vectorised
+
+# torch's int8 weight-pack matmul is vectorised for AVX-512 only; elsewhere ours (cpu_int8)
+TORCH_INT8_VECTORISED = torch_int8_is_vectorised()
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
 
 
@@ -37,7 +42,9 @@ class Linear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T in one call, whatever the number of rows."""
         if self.qweight is not None:
-            return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
+            if TORCH_INT8_VECTORISED or self.qweight.shape[0] % 2:
+                return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
+            return int8_matmul(x, self.qweight, self.qscale)
         if self.packed is not None and x.dtype == self.weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)

@@ -1,0 +1,47 @@
+"""The CPU int8 weight-only matmul (`kernels/cpu_int8.py`) against torch's and the float math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pensieve.kernels.cpu_int8 import int8_matmul
+from pensieve.linear import Linear
+from pensieve.quantize import quantize_int8, quantize_rows_int8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 24])
+def test_int8_matmul_matches_the_dequantized_weights(rows: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 80, generator=gen)
+    q, scale = quantize_rows_int8(w)
+    x = torch.randn(rows, 80, generator=gen).to(dtype)
+    expected = x.float() @ (q.float() * scale[:, None]).T
+    out = int8_matmul(x, q, scale)
+    assert out.dtype == dtype and out.shape == (rows, 96)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+    # torch's own int8 matmul (float32 activations) agrees too
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, torch._weight_int8pack_mm(x, q, scale), rtol=tol, atol=tol)
+
+
+def test_int8_matmul_rows_do_not_depend_on_the_row_count() -> None:
+    """Batch invariance: each row's bits are the same alone, in a batch, at any offset."""
+    gen = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows_int8(torch.randn(64, 128, generator=gen))
+    x = torch.randn(37, 128, generator=gen)
+    whole = int8_matmul(x, q, scale)
+    for lo, hi in [(0, 1), (5, 6), (3, 10), (11, 37)]:
+        assert torch.equal(int8_matmul(x[lo:hi], q, scale), whole[lo:hi])
+
+
+def test_int8_matmul_refuses_an_odd_feature_count_and_linear_falls_back() -> None:
+    q, scale = quantize_rows_int8(torch.randn(5, 16))
+    with pytest.raises(ValueError, match="even number"):
+        int8_matmul(torch.randn(2, 16), q, scale)
+    layer = Linear(16, 5, bias=False)
+    quantize_int8(torch.nn.Sequential(layer))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), x @ (layer.qweight.float() * layer.qscale[:, None]).T)
