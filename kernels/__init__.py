@@ -5,7 +5,8 @@ CUDA tensors run the Numba CUDA kernels (`cuda_attention`: host side and per-ste
 kernels; `cuda_prims`: device primitives with simulator twins; `inspect`: ptxas report), CPU
 tensors the Numba CPU kernel (`cpu_attention`, which hands sequences with many query rows to
 gather + torch SDPA in `cpu_sdpa`, faster there); `reference` holds the torch oracle,
-`testing` builds test inputs.
+`testing` builds test inputs; `cpu_int8` is the model's int8 weight-only matmul where torch's
+is not vectorised, `cpu_threads` runs both CPU kernels on torch's thread count.
 The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
 (and a test process may still switch on the CUDA simulator before it does).
 """

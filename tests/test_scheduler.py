@@ -293,9 +293,7 @@ async def test_failed_restore_fails_the_turn_and_the_retry_recomputes() -> None:
         first = h.submit("x", list(range(1, 20)), max_tokens=1)
         await h.wait(first)
         await h.wait(h.submit("y", list(range(40, 60)), max_tokens=1))  # pushes x to the host
-        assert any(
-            ch.device is None and ch.host is not None for ch in h.conv("x").chunks
-        )
+        assert any(ch.device is None and ch.host is not None for ch in h.conv("x").chunks)
         h.swapper.fail.add("in")
         prompt = list(range(1, 20)) + h.tokens(first) + [7]
         failed = h.submit("x", prompt, max_tokens=1)
