@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.config import ModelConfig
+from pensieve.linear import onednn_packs, reorder_for_onednn
 from pensieve.model import cpu_has_native_bf16
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -66,10 +67,9 @@ def linear_forms(x: torch.Tensor, w: torch.Tensor) -> list[Callable[[], torch.Te
     """x @ w.T as torch computes it: `F.linear`, and on CPU also from a weight prepacked for
     oneDNN (what the model's linear layer runs there); the faster one sets the limit."""
     forms = [lambda: F.linear(x, w)]
-    if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        mkldnn = torch.ops.mkldnn
-        packed = mkldnn._reorder_linear_weight(w, 64)
-        forms.append(lambda: mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_packs(w.dtype):
+        packed = reorder_for_onednn(w)
+        forms.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     return forms
 
 

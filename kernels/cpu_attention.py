@@ -233,13 +233,15 @@ def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, skip, o
         b = np.searchsorted(tile_start, tile, side="right") - 1
         lo = starts[b] + (tile - tile_start[b]) * qtile
         hi = min(lo + qtile, starts[b + 1])
-        table, n = tables[b], ctx[b]
-        if q.shape[2] == 64:  # the head dim as a literal: loops unrolled, no remainder
-            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, 64)
+        # the head dim as a literal: loops unrolled, no remainder (each literal is one more
+        # inlined copy to compile: ~2.5x the cold compile time, cached on disk after)
+        table, ctx_b = tables[b], ctx[b]
+        if q.shape[2] == 64:
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx_b, c, fmt, out, 64)
         elif q.shape[2] == 128:
-            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, 128)
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx_b, c, fmt, out, 128)
         else:
-            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, n, c, fmt, out, q.shape[2])
+            _attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx_b, c, fmt, out, q.shape[2])
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:

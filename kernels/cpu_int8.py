@@ -63,6 +63,11 @@ def _int8_matmul(x, qweight, scale, out):
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) @ (qweight [N, K] int8 * scale [N]).T -> [M, N] in x's dtype.
     N must be even (two features per pass)."""
+    if x.dim() != 2 or x.shape[1] != qweight.shape[1] or scale.shape != qweight.shape[:1]:
+        raise ValueError(
+            f"int8_matmul: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+            f"scale {tuple(scale.shape)} do not fit [M, K] @ [N, K].T with [N] scales"
+        )
     if qweight.shape[0] % 2:
         raise ValueError(
             f"int8_matmul needs an even number of output features, not {qweight.shape[0]}"
@@ -70,7 +75,7 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     rows = x.shape[0]
     padded = -(-rows // ROWS_PER_PASS) * ROWS_PER_PASS or ROWS_PER_PASS
     xf = torch.zeros((padded, x.shape[1]), dtype=torch.float32)
-    xf[:rows] = x
+    xf[:rows] = x.detach()
     out = torch.empty((padded, qweight.shape[0]), dtype=torch.float32)
     with numba_threads_as_torch():
         _int8_matmul(xf.numpy(), qweight.numpy(), scale.float().contiguous().numpy(), out.numpy())

@@ -19,9 +19,9 @@ def numba_threads_as_torch(chunksize: int = 0) -> Iterator[None]:
     reductions): read first, restored after."""
     threads = torch.get_num_threads()
     previous = get_parallel_chunksize()
-    set_parallel_chunksize(chunksize)
-    set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
     try:
+        set_parallel_chunksize(chunksize)
+        set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
         yield
     finally:
         set_parallel_chunksize(previous)

@@ -1,6 +1,7 @@
 """The model's linear layer: one matmul per call, from whichever weight form runs fastest here.
 
-- On CPU the weight is prepacked once into oneDNN's blocked layout (`pack_for_cpu`): a decode
+- On CPU the weight is prepacked once into oneDNN's blocked layout (`pack_for_cpu`) where
+  oneDNN has a kernel for its dtype (float32; bfloat16 with AVX-512 or AVX-NE-CONVERT): a decode
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
@@ -68,7 +69,8 @@ def tiled_linear(
 
 
 def pack_for_cpu(model: nn.Module) -> int:
-    """Prepack every dense CPU `Linear` for oneDNN; returns how many (0 where unavailable)."""
+    """Prepack every dense CPU `Linear` for oneDNN; returns how many (0 where unavailable).
+    Where oneDNN has no bfloat16 kernel on this CPU, bfloat16 weights stay on `F.linear`."""
     if not torch.backends.mkldnn.is_available():
         return 0
     count = 0
@@ -76,21 +78,23 @@ def pack_for_cpu(model: nn.Module) -> int:
         if not isinstance(module, Linear) or module.qweight is not None:
             continue
         w = module.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        if w.device.type != "cpu" or not onednn_packs(w.dtype):
             continue
         if module.packed is None:
-            module.packed = _reorder(w)
-            if module.packed is None:  # this CPU has no oneDNN kernel for the dtype
-                return count
+            module.packed = reorder_for_onednn(w)
         count += 1
     return count
 
 
-def _reorder(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of w, or None where oneDNN refuses the dtype on this CPU (its
-    bf16 reorder needs avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU runs F.linear)."""
-    try:
-        with torch.inference_mode():
-            return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
-    except RuntimeError:
-        return None
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks `dtype` weights on this CPU: float32 always; bfloat16 only with
+    avx512bw/vl/dq or avx_ne_convert (elsewhere its reorder raises)."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+def reorder_for_onednn(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of the weight w [N, K], for `mkldnn._linear_pointwise`."""
+    with torch.inference_mode():
+        return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)

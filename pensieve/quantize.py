@@ -2,7 +2,8 @@
 
 A decode step with few rows is bound by reading the weights; int8 weights with one float scale
 per output row (symmetric, round to nearest) halve the bytes of bfloat16. The matmul is
-torch's `_weight_int8pack_mm` (activations stay in the model's dtype). Embeddings, norms and
+torch's `_weight_int8pack_mm` where it is vectorised (AVX-512), `kernels/cpu_int8.py` elsewhere
+(`pensieve.linear`); activations stay in the model's dtype. Embeddings, norms and
 the KV cache keep their dtype; a tied lm_head gets its own int8 copy and the embedding keeps
 the float table. The quantized model is its own model: the stateful == stateless invariant
 holds against itself (the oracle runs the same quantized weights), not against bfloat16.
@@ -30,7 +31,7 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def quantize_int8(model: nn.Module) -> int:
     """Every `Linear` of the model to int8 weights in place; returns the bytes saved."""
     if next(model.parameters()).device.type != "cpu":
-        raise ValueError("--quantize int8 runs on CPU only (torch's int8 weight-pack matmul)")
+        raise ValueError("--quantize int8 runs on CPU only (int8 weight-only matmuls on CPU)")
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     saved = 0
     for module in model.modules():

@@ -45,3 +45,15 @@ def test_int8_matmul_refuses_an_odd_feature_count_and_linear_falls_back() -> Non
     quantize_int8(torch.nn.Sequential(layer))
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), x @ (layer.qweight.float() * layer.qscale[:, None]).T)
+
+
+def test_int8_matmul_edge_inputs() -> None:
+    """No rows, a strided x, and shapes that do not fit (an error, not garbage)."""
+    gen = torch.Generator().manual_seed(1)
+    q, scale = quantize_rows_int8(torch.randn(32, 48, generator=gen))
+    assert int8_matmul(torch.zeros(0, 48), q, scale).shape == (0, 32)
+    wide = torch.randn(6, 96, generator=gen)
+    strided = wide[:, ::2]
+    assert torch.equal(int8_matmul(strided, q, scale), int8_matmul(strided.contiguous(), q, scale))
+    with pytest.raises(ValueError, match="do not fit"):
+        int8_matmul(wide, q, scale)
