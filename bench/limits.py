@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.config import ModelConfig
-from pensieve.linear import onednn_packs, reorder_for_onednn
+from pensieve.linear import onednn_matmul, onednn_packs, reorder_for_onednn
 from pensieve.model import cpu_has_native_bf16
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -69,7 +69,7 @@ def linear_forms(x: torch.Tensor, w: torch.Tensor) -> list[Callable[[], torch.Te
     forms = [lambda: F.linear(x, w)]
     if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_packs(w.dtype):
         packed = reorder_for_onednn(w)
-        forms.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        forms.append(lambda: onednn_matmul(x, packed))
     return forms
 
 

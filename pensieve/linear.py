@@ -47,7 +47,7 @@ class Linear(nn.Linear):
                 return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
             return int8_matmul(x, self.qweight, self.qscale)
         if self.packed is not None and x.dtype == self.weight.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return onednn_matmul(x, self.packed)
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,11 @@ def onednn_packs(dtype: torch.dtype) -> bool:
 
 
 def reorder_for_onednn(w: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked copy of the weight w [N, K], for `mkldnn._linear_pointwise`."""
+    """oneDNN's blocked copy of the weight w [N, K], for `onednn_matmul`."""
     with torch.inference_mode():
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+
+
+def onednn_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ W.T from W's `reorder_for_onednn` copy."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
