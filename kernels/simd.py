@@ -15,9 +15,8 @@ it); pools of bfloat16 or float16 are read as their uint16 bits and widened in r
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
@@ -201,18 +200,3 @@ def vsum8x8(typingctx, t0, t1, t2, t3, t4, t5, t6, t7):
         )
 
     return f32x8(*([f32x8] * 8)), codegen
-
-
-@njit(inline="always", fastmath=True)
-def exp2(x):
-    """2**x for x <= 0 in float32: exponent bits times a degree-5 polynomial (rel. err 3e-7)."""
-    x = min(max(x, np.float32(-126.0)), np.float32(0.0))
-    n = np.floor(x + np.float32(0.5))
-    f = x - n
-    p = np.float32(0.00134004)
-    p = p * f + np.float32(0.00967604)
-    p = p * f + np.float32(0.05550327)
-    p = p * f + np.float32(0.24022107)
-    p = p * f + np.float32(0.69314721)
-    p = p * f + np.float32(1.00000008)
-    return p * i32_as_f32(np.int32((np.int32(n) + 127) << 23))

@@ -15,17 +15,7 @@ from torch import nn
 
 from pensieve.attention import AttentionBackend
 from pensieve.config import ModelConfig
-from pensieve.kernels import cpu_fused
 from pensieve.linear import Linear
-
-
-def fused_on_cpu(x: torch.Tensor) -> bool:
-    """Whether x's small ops run as `cpu_fused` kernels (one call each) instead of torch ops:
-    a contiguous float32 or bfloat16 matrix on the CPU."""
-    return (
-        x.device.type == "cpu" and x.dtype in cpu_fused.SUPPORTED and x.dim() == 2
-        and x.is_contiguous()
-    )  # fmt: skip
 
 
 class RMSNorm(nn.Module):
@@ -37,8 +27,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised in float32, rounded, then scaled (Hugging Face's order), with torch's
         fused rms_norm: one op where pow, mean, add, rsqrt and mul were five."""
-        if fused_on_cpu(x) and self.weight.dtype == x.dtype:
-            return cpu_fused.rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -67,11 +55,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D] with cos/sin [T, D / 2] (each pair's angle)."""
+    """Rotate-half RoPE on x [T, H, D] with cos/sin [T, 1, D]."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -91,15 +78,11 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        t, rotated = x.shape[0], self.n_heads + self.n_kv
-        flat = self.qkv_proj(x)
-        qkv = flat.view(t, rotated + self.n_kv, self.head_dim)
-        if fused_on_cpu(flat):  # rotates q and k in place
-            cpu_fused.rope_(flat, rotated, self.head_dim, cos, sin)
-            q, k = qkv[:, : self.n_heads], qkv[:, self.n_heads : rotated]
-        else:
-            q, k = apply_rope(qkv[:, :rotated], cos, sin).split([self.n_heads, self.n_kv], dim=1)
-        v = qkv[:, rotated:]
+        t = x.shape[0]
+        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        v = qkv[:, self.n_heads + self.n_kv :]
         out = attn.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
@@ -112,10 +95,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if fused_on_cpu(gate_up):
-            return self.down_proj(cpu_fused.silu_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate, dim=-1)
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -169,8 +149,9 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D / 2]
-        cos, sin = angles.cos(), angles.sin()
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
