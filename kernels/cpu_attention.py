@@ -44,15 +44,16 @@ _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 @njit(parallel=True, nogil=True, **_FAST)
 def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, heads, skip, out):
     """Spread (sequence, query tile, `heads` KV heads) work items over the cores; skip[b] != 0:
-    none for sequence b. heads is 1, or all KV heads where `attend_tile_simd` runs."""
+    none for sequence b. heads: 1, or all KV heads (taken only where `attend_tile_simd` runs)."""
     batch = tables.shape[0]
+    d = q.shape[2]
+    simd = (d == 64 or d == 128) and kc.shape[1] % 8 == 0  # `simd_shape`, inside the kernel
+    heads = heads if simd else 1  # the scalar tile takes one KV head per item
     parts = kc.shape[2] // heads
     tile_start = np.zeros(batch + 1, np.int64)
     for b in range(batch):
         n = 0 if skip[b] else starts[b + 1] - starts[b]
         tile_start[b + 1] = tile_start[b] + (n + qtile - 1) // qtile
-    d = q.shape[2]
-    simd = (d == 64 or d == 128) and kc.shape[1] % 8 == 0  # `simd_shape`, inside the kernel
     for w in prange(tile_start[batch] * parts):
         tile = w // parts
         h0 = (w - tile * parts) * heads
@@ -135,6 +136,7 @@ class CpuStep:
         )  # fmt: skip
         self._by_sdpa: list[tuple[int, int, SequenceAttention]] | None = None  # at first use
         self.query_tile = query_tile
+        self._split: tuple[int, int] | None = None  # `_work_split`, at first use
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
@@ -165,15 +167,23 @@ class CpuStep:
                 self._by_sdpa.append((lo, hi, sequence))
         return self._by_sdpa
 
+    def _work_split(self, q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int]:
+        """(queries per tile, KV heads per work item): the same for every layer of the step,
+        worked out at the first."""
+        if self._split is None:
+            hkv = k_cache.shape[2]
+            qtile = max(1, self.query_tile or QUERY_ROWS // (q.shape[1] // hkv))
+            heads = 1
+            if simd_shape(q.shape[2], k_cache.shape[1]):
+                counts = zip(self.counts, self.skip, strict=True)
+                tiles = sum(-(-n // qtile) for n, skip in counts if not skip)
+                heads = hkv if tiles >= 2 * torch.get_num_threads() else 1
+            self._split = (qtile, heads)
+        return self._split
+
     def _run_kernel(self, q, k_cache, v_cache, scale: float, out: torch.Tensor) -> None:
         """The Numba kernel into the float32 `out` for every sequence not skipped."""
-        hkv = k_cache.shape[2]
-        qtile = max(1, self.query_tile or QUERY_ROWS // (q.shape[1] // hkv))
-        heads = 1
-        if simd_shape(q.shape[2], k_cache.shape[1]):
-            counts = zip(self.counts, self.skip, strict=True)
-            tiles = sum(-(-n // qtile) for n, skip in counts if not skip)
-            heads = hkv if tiles >= 2 * torch.get_num_threads() else 1
+        qtile, heads = self._work_split(q, k_cache)
         # work items differ in cost: hand them out one by one
         with numba_threads_as_torch(chunksize=1):
             _paged_attention(

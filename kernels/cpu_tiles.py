@@ -3,10 +3,10 @@ pages, for some of its KV heads (the driver, `cpu_attention._paged_attention`, s
 items over the cores).
 
 Two forms of the same math (online softmax per key tile, `exp2` by exponent bits):
-- `attend_tile_simd`, for head dims 64 and 128 and blocks of a multiple of 8 keys (every
-  model we serve): one query row at a time, in `simd.f32x8` registers. Scores of
-  eight keys at once (eight FMA chains over the head dim, then one transpose-and-add tree),
-  P.V with the row's 64-wide accumulator panel held in eight registers over the whole key
+- `attend_tile_simd`, for head dims 64 and 128 and blocks of a multiple of 8 keys (the
+  default model and the Llama family): one query row at a time, in `simd.f32x8` registers.
+  Scores of eight keys at once (eight FMA chains over the head dim, then one transpose-and-add
+  tree), P.V with the row's 64-wide accumulator panel held in eight registers over the whole key
   tile. Written as array updates, LLVM stored and spilled every accumulator on every key
   (~100 instructions for 24 FMAs); measured on a 2-core AVX2 host, float32, 32 sequences x
   3 KV heads: 1.25-1.3x faster over pools in DRAM, 1.6x with the pool in cache.
@@ -177,7 +177,7 @@ def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d):
 @njit(inline="always", **_FAST)
 def attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out, d):
     """Attention of queries lo..hi-1 (all heads of KV group h) over one sequence's pages;
-    d is the head dim (a literal where specialised: see `_paged_attention`)."""
+    d: the head dim, read at run time (64 and 128 go to `attend_tile_simd` as literals)."""
     block_size = kc.shape[1]
     rows = (hi - lo) * group
     padded = -(-rows // ROWS_PER_PASS) * ROWS_PER_PASS  # padding rows: zero q, see no key

@@ -99,7 +99,7 @@ def _run(case, heads: int, dtype_format: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 32])  # 32: the scalar tile, one head an item
 def test_work_split_does_not_change_a_bit(dtype, d):
     """Items of one KV head or of all (chosen by batch size and thread count) give the same
     bits, and both match the reference."""
