@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
 
 import torch
-from numba import config, get_parallel_chunksize, set_num_threads, set_parallel_chunksize
+from numba import config, set_num_threads, set_parallel_chunksize
+
+_applied = threading.local()  # per thread: the (threads, chunksize) Numba was last set to
 
 
-@contextmanager
-def numba_threads_as_torch(chunksize: int = 0) -> Iterator[None]:
+class numba_threads_as_torch:  # noqa: N801 - used as a function: `with numba_threads_as_torch():`
     """Run the enclosed Numba `prange` loops on as many threads as torch is set to use, handing
     out `chunksize` iterations at a time (0: Numba's default split).
 
-    Numba's OpenMP layer, when it starts in a thread, sets that thread's OpenMP count to its
-    own, which would silently change torch's (and with it the order of torch's parallel
-    reductions): read first, restored after."""
-    threads = torch.get_num_threads()
-    previous = get_parallel_chunksize()
-    try:
-        set_parallel_chunksize(chunksize)
-        set_num_threads(min(threads, config.NUMBA_NUM_THREADS))
-        yield
-    finally:
-        set_parallel_chunksize(previous)
-        torch.set_num_threads(threads)
+    Both settings are Numba's per thread and cost microseconds to make, which a decode step
+    would pay ~150 times (measured ~15 us a kernel call on a 2-core EPYC), so they are made only
+    when they change. The chunk size stays set for the thread afterwards: only these kernels
+    use Numba's parallel loops. Numba's OpenMP layer, when it starts in a thread, sets that
+    thread's OpenMP count to its own, which would silently change torch's (and with it the
+    order of torch's parallel reductions): checked after every kernel, restored if changed."""
+
+    __slots__ = ("threads",)
+
+    def __init__(self, chunksize: int = 0) -> None:
+        self.threads = torch.get_num_threads()
+        wanted = (self.threads, chunksize)
+        if getattr(_applied, "setting", None) != wanted:
+            set_parallel_chunksize(chunksize)
+            set_num_threads(min(self.threads, config.NUMBA_NUM_THREADS))
+            _applied.setting = wanted
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)

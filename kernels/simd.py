@@ -10,7 +10,8 @@ accumulators written as `f32x8` locals stay in registers by construction, and ev
 in the order written (explicit FMAs and reduction trees), not one the vectoriser picks.
 
 Loads and stores take a flat element index into a C-contiguous array (the caller computes
-it); pools of bfloat16 or float16 are read as their uint16 bits and widened in registers.
+it); pools of bfloat16 or float16 are read as their uint16 bits and int8 weights as bytes, all
+widened in registers.
 """
 
 from __future__ import annotations
@@ -88,6 +89,51 @@ def _load_bits(fmt: int):
 
 vload_bf16 = _load_bits(1)  # eight bfloat16 elements (uint16 bits) from flat, as f32x8
 vload_f16 = _load_bits(2)  # eight float16 elements (uint16 bits) from flat, as f32x8
+
+
+@intrinsic
+def vload_i8(typingctx, arr, flat):
+    """Elements flat..flat+7 of an int8 array, as f32x8 (exact: every int8 is a float32)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        v8 = ir.VectorType(ir.IntType(8), 8)
+        return builder.sitofp(builder.load(builder.bitcast(ptr, v8.as_pointer()), align=1), _V8)
+
+    return f32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, flat):
+    """Hint the caches to fetch the line holding element `flat` of a C-contiguous array
+    (llvm.prefetch, for reading): for data the hardware prefetcher cannot see coming."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp), codegen
+
+
+@intrinsic
+def vlane(typingctx, v, lane):
+    """Lane `lane` (0-7) of v, as a float32."""
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        lane = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.extract_element(args[0], lane)
+
+    return types.float32(f32x8, lane), codegen
 
 
 @intrinsic

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels.cpu_int8 import int8_matmul, torch_int8_is_vectorised
+from pensieve.kernels.cpu_int8 import fits_int8_matmul, int8_matmul, torch_int8_is_vectorised
 
 # torch's int8 weight-pack matmul is vectorised for AVX-512 only; elsewhere ours (cpu_int8)
 TORCH_INT8_VECTORISED = torch_int8_is_vectorised()
@@ -43,7 +43,7 @@ class Linear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T in one call, whatever the number of rows."""
         if self.qweight is not None:
-            if TORCH_INT8_VECTORISED or self.qweight.shape[0] % 2:
+            if TORCH_INT8_VECTORISED or not fits_int8_matmul(self.qweight):
                 return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
             return int8_matmul(x, self.qweight, self.qscale)
         if self.packed is not None and x.dtype == self.weight.dtype:

@@ -37,14 +37,38 @@ def test_int8_matmul_rows_do_not_depend_on_the_row_count() -> None:
         assert torch.equal(int8_matmul(x[lo:hi], q, scale), whole[lo:hi])
 
 
-def test_int8_matmul_refuses_an_odd_feature_count_and_linear_falls_back() -> None:
-    q, scale = quantize_rows_int8(torch.randn(5, 16))
-    with pytest.raises(ValueError, match="even number"):
-        int8_matmul(torch.randn(2, 16), q, scale)
-    layer = Linear(16, 5, bias=False)
+def test_int8_matmul_refuses_a_ragged_input_width_and_linear_falls_back() -> None:
+    q, scale = quantize_rows_int8(torch.randn(5, 12))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        int8_matmul(torch.randn(2, 12), q, scale)
+    layer = Linear(12, 5, bias=False)
     quantize_int8(torch.nn.Sequential(layer))
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 12)
     torch.testing.assert_close(layer(x), x @ (layer.qweight.float() * layer.qscale[:, None]).T)
+
+
+@pytest.mark.parametrize("features", [1, 5, 6, 7, 33])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_matmul_partial_feature_groups_and_odd_rows(features: int, rows: int) -> None:
+    """Feature counts not a multiple of four and odd row counts: every output right, none
+    written twice or left out (the spare lanes of a last group are not stored)."""
+    gen = torch.Generator().manual_seed(features * 10 + rows)
+    q, scale = quantize_rows_int8(torch.randn(features, 24, generator=gen))
+    x = torch.randn(rows, 24, generator=gen)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(int8_matmul(x, q, scale).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_matmul_is_exact_where_the_sums_are() -> None:
+    """Integer weights times activations in eighths keep every partial sum exact in float32,
+    so whatever the order the kernel sums in, its result must be the exact dot product times
+    the scale, rounded once: no step through a narrower type, no lost lane."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (6, 64), generator=gen, dtype=torch.int8)
+    x = torch.randint(-64, 64, (3, 64), generator=gen).float() / 8
+    scale = torch.rand(6, generator=gen) + 0.5
+    exact = (x.double() @ q.double().T).float()
+    assert torch.equal(int8_matmul(x, q, scale), exact * scale)
 
 
 def test_int8_matmul_edge_inputs() -> None:
@@ -57,3 +81,23 @@ def test_int8_matmul_edge_inputs() -> None:
     assert torch.equal(int8_matmul(strided, q, scale), int8_matmul(strided.contiguous(), q, scale))
     with pytest.raises(ValueError, match="do not fit"):
         int8_matmul(wide, q, scale)
+
+
+def test_numba_kernels_follow_torch_threads_and_leave_them_as_they_were() -> None:
+    """The Numba setting is made only when torch's count or the chunk size changes, yet a
+    kernel always runs on torch's current count, and torch's own setting survives it."""
+    from numba import config, get_num_threads
+
+    from pensieve.kernels.cpu_threads import numba_threads_as_torch
+
+    q, scale = quantize_rows_int8(torch.randn(8, 16))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            with numba_threads_as_torch():
+                assert get_num_threads() == min(threads, config.NUMBA_NUM_THREADS)
+            int8_matmul(torch.randn(3, 16), q, scale)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
