@@ -28,6 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .simd import (
+    emit_prefetch,
     i32_as_f32,
     vfma,
     vload,
@@ -73,11 +74,7 @@ def _prefetch(typingctx, arr, i0, i1, i2, i3):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, list(args[1:]))
-        i8p = ir.PointerType(ir.IntType(8))
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        emit_prefetch(builder, ptr)
         return context.get_dummy_value()
 
     return sig, codegen

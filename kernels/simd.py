@@ -49,60 +49,42 @@ def _mask(values: list[int]) -> ir.Constant:
     return ir.Constant(ir.VectorType(_I32, len(values)), [_I32(v) for v in values])
 
 
-@intrinsic
-def vload(typingctx, arr, flat):
-    """Elements flat..flat+7 of a float32 array, as f32x8."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
-        return None
+def _vector_load(dtype, lane_type: ir.Type, widen):
+    """An intrinsic loading elements flat..flat+7 of a C-contiguous `dtype` array as one
+    <8 x lane_type> and widening it to f32x8 with `widen(builder, vector)`."""
+    vector = ir.VectorType(lane_type, 8)
+    align = dtype.bitwidth // 8  # an element's own alignment, not the vector's
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V8.as_pointer()), align=4)
-
-    return f32x8(arr, types.intp), codegen
-
-
-def _widened(builder, bits, fmt: int):
-    """<8 x i16> of bfloat16 (fmt 1) or float16 (fmt 2) bits as <8 x float>, exactly."""
-    if fmt == 1:  # bfloat16: the bits are the high half of a float32
-        wide = builder.zext(bits, ir.VectorType(_I32, 8))
-        return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [_I32(16)] * 8)), _V8)
-    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8)
-
-
-def _load_bits(fmt: int):
     def load(typingctx, arr, flat):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.uint16):
+        if not (isinstance(arr, types.Array) and arr.dtype == dtype):
             return None
 
         def codegen(context, builder, sig, args):
             ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-            v16 = ir.VectorType(ir.IntType(16), 8)
-            return _widened(
-                builder, builder.load(builder.bitcast(ptr, v16.as_pointer()), align=2), fmt
-            )
+            lanes = builder.load(builder.bitcast(ptr, vector.as_pointer()), align=align)
+            return widen(builder, lanes)
 
         return f32x8(arr, types.intp), codegen
 
     return intrinsic(load)
 
 
-vload_bf16 = _load_bits(1)  # eight bfloat16 elements (uint16 bits) from flat, as f32x8
-vload_f16 = _load_bits(2)  # eight float16 elements (uint16 bits) from flat, as f32x8
+def _bfloat16_bits(builder, bits):
+    """<8 x i16> of bfloat16 bits as <8 x float>, exactly: they are a float32's high half."""
+    wide = builder.zext(bits, ir.VectorType(_I32, 8))
+    return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [_I32(16)] * 8)), _V8)
 
 
-@intrinsic
-def vload_i8(typingctx, arr, flat):
-    """Elements flat..flat+7 of an int8 array, as f32x8 (exact: every int8 is a float32)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int8):
-        return None
+def _float16_bits(builder, bits):
+    """<8 x i16> of float16 bits as <8 x float>, exactly."""
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8)
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        v8 = ir.VectorType(ir.IntType(8), 8)
-        return builder.sitofp(builder.load(builder.bitcast(ptr, v8.as_pointer()), align=1), _V8)
 
-    return f32x8(arr, types.intp), codegen
+# each: elements flat..flat+7 of an array (bfloat16 and float16 pools as their uint16 bits)
+vload = _vector_load(types.float32, ir.FloatType(), lambda builder, v: v)
+vload_bf16 = _vector_load(types.uint16, ir.IntType(16), _bfloat16_bits)
+vload_f16 = _vector_load(types.uint16, ir.IntType(16), _float16_bits)
+vload_i8 = _vector_load(types.int8, ir.IntType(8), lambda b, v: b.sitofp(v, _V8))  # exact
 
 
 @intrinsic
@@ -113,14 +95,18 @@ def prefetch(typingctx, arr, flat):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        emit_prefetch(builder, _element_pointer(context, builder, sig.args[0], args[0], args[1]))
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
+
+
+def emit_prefetch(builder, ptr) -> None:
+    """llvm.prefetch of the line at `ptr`: for reading, keep in all cache levels, data."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
 
 
 @intrinsic
