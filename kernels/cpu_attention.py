@@ -17,8 +17,9 @@ The attention kernel reads the paged pool in place (no gather copy). Why it is s
   or trip-count checks (1.2-1.6x faster on an AVX2 CPU than a head dim read at run time);
 - the next block's rows are prefetched while this one is computed: the blocks of a sequence
   lie anywhere in the pool, where the hardware prefetcher cannot follow;
-- bfloat16 and float16 pools are read as uint16 bits and widened to float32 in registers
-  (a float32 scratch copy per key tile cost more than the dot products).
+- bfloat16 and float16 pools are read as their bits and widened to float32 in registers
+  (a float32 scratch copy per key tile cost more than the dot products); the bits come in
+  an integer type per format (`_POOL_VIEW`), so no load tests the format at run time.
 Sequences with many query rows (prefill) go to `cpu_sdpa` instead, where torch's GEMMs win
 despite the copy (numbers there); decode and short query ranges stay here.
 """
@@ -36,13 +37,19 @@ from .cpu_tiles import attend_tile, attend_tile_simd, simd_shape
 
 QUERY_ROWS = 48  # (query, head) rows per work item: queries per tile = QUERY_ROWS // group
 TORCH_MIN_QUERIES = 16  # sequences with this many query rows go to cpu_sdpa (measured there)
-_FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# a pool's elements as the kernel takes them: 16-bit floats as their bits, in an integer type
+# of their own, so the kernel's loads are chosen when it compiles, not by a run-time test
+_POOL_VIEW = {
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.uint16,
+    torch.float16: torch.int16,
+}
 _LOG2E = 1.4426950408889634
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 
 
 @njit(parallel=True, nogil=True, **_FAST)
-def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, heads, skip, out):
+def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
     """Spread (sequence, query tile, `heads` KV heads) work items over the cores; skip[b] != 0:
     none for sequence b. heads: 1, or all KV heads (taken only where `attend_tile_simd` runs)."""
     batch = tables.shape[0]
@@ -64,22 +71,22 @@ def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, fmt, qtile, heads, 
         # the head dim as a literal: loops unrolled, no remainder (each literal is one more
         # inlined copy to compile, cached on disk after)
         if simd and d == 64:
-            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, fmt, out, 64)
+            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, out, 64)
         elif simd and d == 128:
-            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, fmt, out, 128)
+            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, out, 128)
         else:
             group = q.shape[1] // kc.shape[2]
-            attend_tile(q, kc, vc, table, lo, hi, h0, group, pos, ctx_b, c, fmt, out, d)
+            attend_tile(q, kc, vc, table, lo, hi, h0, group, pos, ctx_b, c, out, d)
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:
-    """The pool as numpy without a copy: 16-bit floats as their uint16 bits.
+    """The pool as numpy without a copy, in `_POOL_VIEW`'s element type.
 
     Only a contiguous pool: a strided one would compile a second specialisation of the kernel,
     whose sums run in another order (and `deterministic` promises one order)."""
     if not t.is_contiguous():
         raise ValueError("the KV pool must be contiguous")
-    return t.numpy() if t.dtype == torch.float32 else t.view(torch.uint16).numpy()
+    return t.view(_POOL_VIEW[t.dtype]).numpy()
 
 
 class SlotWriter:
@@ -192,7 +199,6 @@ class CpuStep:
                 _pool_numpy(v_cache),
                 *self.arrays,
                 np.float32(scale * _LOG2E),
-                _FORMAT[k_cache.dtype],
                 qtile,
                 heads,
                 self.skip,

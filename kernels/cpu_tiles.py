@@ -56,8 +56,8 @@ def simd_shape(head_dim: int, block_size: int) -> bool:
 
 @intrinsic
 def _f16_bits_to_f32(typingctx, bits):
-    """Widen IEEE half bits (uint16) to float32 exactly (LLVM fpext: vcvtph2ps on x86)."""
-    sig = types.float32(types.uint16)
+    """Widen IEEE half bits (int16) to float32 exactly (LLVM fpext: vcvtph2ps on x86)."""
+    sig = types.float32(types.int16)
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
@@ -95,21 +95,20 @@ def _exp2(x):
     return p * i32_as_f32(np.int32((np.int32(n) + 127) << 23))
 
 
-def _widen(x, fmt):
-    """One pool element as float32 (bfloat16 and float16 pools hold their uint16 bits)."""
+def _widen(x):
+    """One pool element as float32: a float32 as it is, bfloat16 bits (uint16) and float16
+    bits (int16) widened; the element's type picks the form when the kernel compiles."""
 
 
 @overload(_widen, inline="always")
-def _widen_impl(x, fmt):
+def _widen_impl(x):
     if x == types.float32:
-        return lambda x, fmt: x
-
-    def widen(x, fmt):
-        if fmt == 1:  # bfloat16: the bits are the high half of a float32
-            return i32_as_f32(np.int32(np.int32(x) << 16))
-        return _f16_bits_to_f32(x)
-
-    return widen
+        return lambda x: x
+    if x == types.uint16:  # bfloat16: the bits are the high half of a float32
+        return lambda x: i32_as_f32(np.int32(np.int32(x) << 16))
+    if x == types.int16:
+        return lambda x: _f16_bits_to_f32(x)
+    return None
 
 
 @njit(inline="always", **_FAST)
@@ -124,7 +123,7 @@ def _prefetch_block(kc, vc, blk, h0, h1):
 
 
 @njit(inline="always", **_FAST)
-def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d):
+def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, s, m, den, acc, d):
     """Rows r, r+1, r+2 over one key tile (block blk's first n keys, head h): every K and V
     element is read and widened once for the three rows. Each row scores the keys any of the
     three sees, then keeps only its own (the others weigh exactly 0), so a row's sums run in
@@ -137,7 +136,7 @@ def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d):
         d1 = np.float32(0.0)
         d2 = np.float32(0.0)
         for e in range(d):
-            k = _widen(kc[blk, j, h, e], fmt)
+            k = _widen(kc[blk, j, h, e])
             d0 += qf[r, e] * k
             d1 += qf[r + 1, e] * k
             d2 += qf[r + 2, e] * k
@@ -165,14 +164,14 @@ def _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d):
     for j in range(n_max):
         p0, p1, p2 = s[0, j], s[1, j], s[2, j]
         for e in range(d):
-            v = _widen(vc[blk, j, h, e], fmt)
+            v = _widen(vc[blk, j, h, e])
             acc[r, e] += p0 * v
             acc[r + 1, e] += p1 * v
             acc[r + 2, e] += p2 * v
 
 
 @njit(inline="always", **_FAST)
-def attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out, d):
+def attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, out, d):
     """Attention of queries lo..hi-1 (all heads of KV group h) over one sequence's pages;
     d: the head dim, read at run time (64 and 128 go to `attend_tile_simd` as literals)."""
     block_size = kc.shape[1]
@@ -199,7 +198,7 @@ def attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out, d):
         n = min(block_size, kmax - start)
         blk = table[start // block_size]
         for r in range(0, padded, ROWS_PER_PASS):
-            _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, fmt, s, m, den, acc, d)
+            _rows_tile(qf, r, kc, vc, blk, h, start, n, limit, s, m, den, acc, d)
     for i in range(hi - lo):
         for g in range(group):
             r = i * group + g
@@ -208,25 +207,23 @@ def attend_tile(q, kc, vc, table, lo, hi, h, group, pos, ctx, c, fmt, out, d):
                 out[lo + i, h * group + g, e] = acc[r, e] * inv
 
 
-def _vkv(arr, flat, fmt):
-    """Eight pool elements from flat, as f32x8 (bfloat16 / float16 pools hold uint16 bits)."""
+def _vkv(arr, flat):
+    """Eight pool elements from flat, as f32x8 (see `_widen` for the element types)."""
 
 
 @overload(_vkv, inline="always")
-def _vkv_impl(arr, flat, fmt):
+def _vkv_impl(arr, flat):
     if arr.dtype == types.float32:
-        return lambda arr, flat, fmt: vload(arr, flat)
-
-    def widened(arr, flat, fmt):
-        if fmt == 1:
-            return vload_bf16(arr, flat)
-        return vload_f16(arr, flat)
-
-    return widened
+        return lambda arr, flat: vload(arr, flat)
+    if arr.dtype == types.uint16:
+        return lambda arr, flat: vload_bf16(arr, flat)
+    if arr.dtype == types.int16:
+        return lambda arr, flat: vload_f16(arr, flat)
+    return None
 
 
 @njit(inline="always", **_FAST)
-def _scores8(qf, qb, kc, kb, ks, fmt, s, j0, d):
+def _scores8(qf, qb, kc, kb, ks, s, j0, d):
     """s[j0:j0+8] = the row qf[qb:qb+d] dotted with the eight keys at kb, kb+ks, ..."""
     t0 = vzero()
     t1 = vzero()
@@ -238,19 +235,19 @@ def _scores8(qf, qb, kc, kb, ks, fmt, s, j0, d):
     t7 = vzero()
     for e in range(0, d, 8):
         qv = vload(qf, qb + e)
-        t0 = vfma(qv, _vkv(kc, kb + e, fmt), t0)
-        t1 = vfma(qv, _vkv(kc, kb + ks + e, fmt), t1)
-        t2 = vfma(qv, _vkv(kc, kb + 2 * ks + e, fmt), t2)
-        t3 = vfma(qv, _vkv(kc, kb + 3 * ks + e, fmt), t3)
-        t4 = vfma(qv, _vkv(kc, kb + 4 * ks + e, fmt), t4)
-        t5 = vfma(qv, _vkv(kc, kb + 5 * ks + e, fmt), t5)
-        t6 = vfma(qv, _vkv(kc, kb + 6 * ks + e, fmt), t6)
-        t7 = vfma(qv, _vkv(kc, kb + 7 * ks + e, fmt), t7)
+        t0 = vfma(qv, _vkv(kc, kb + e), t0)
+        t1 = vfma(qv, _vkv(kc, kb + ks + e), t1)
+        t2 = vfma(qv, _vkv(kc, kb + 2 * ks + e), t2)
+        t3 = vfma(qv, _vkv(kc, kb + 3 * ks + e), t3)
+        t4 = vfma(qv, _vkv(kc, kb + 4 * ks + e), t4)
+        t5 = vfma(qv, _vkv(kc, kb + 5 * ks + e), t5)
+        t6 = vfma(qv, _vkv(kc, kb + 6 * ks + e), t6)
+        t7 = vfma(qv, _vkv(kc, kb + 7 * ks + e), t7)
     vstore(s, j0, vsum8x8(t0, t1, t2, t3, t4, t5, t6, t7))
 
 
 @njit(inline="always", **_FAST)
-def _pv64(acc, ab, alpha, s, vc, vb, ks, nv, fmt):
+def _pv64(acc, ab, alpha, s, vc, vb, ks, nv):
     """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[j] * the 64 values at vb + j * ks,
     the panel in eight registers throughout."""
     av = vsplat(alpha)
@@ -264,14 +261,14 @@ def _pv64(acc, ab, alpha, s, vc, vb, ks, nv, fmt):
     a7 = vmul(vload(acc, ab + 56), av)
     for j in range(nv):
         p = vsplat(s[j])
-        a0 = vfma(p, _vkv(vc, vb, fmt), a0)
-        a1 = vfma(p, _vkv(vc, vb + 8, fmt), a1)
-        a2 = vfma(p, _vkv(vc, vb + 16, fmt), a2)
-        a3 = vfma(p, _vkv(vc, vb + 24, fmt), a3)
-        a4 = vfma(p, _vkv(vc, vb + 32, fmt), a4)
-        a5 = vfma(p, _vkv(vc, vb + 40, fmt), a5)
-        a6 = vfma(p, _vkv(vc, vb + 48, fmt), a6)
-        a7 = vfma(p, _vkv(vc, vb + 56, fmt), a7)
+        a0 = vfma(p, _vkv(vc, vb), a0)
+        a1 = vfma(p, _vkv(vc, vb + 8), a1)
+        a2 = vfma(p, _vkv(vc, vb + 16), a2)
+        a3 = vfma(p, _vkv(vc, vb + 24), a3)
+        a4 = vfma(p, _vkv(vc, vb + 32), a4)
+        a5 = vfma(p, _vkv(vc, vb + 40), a5)
+        a6 = vfma(p, _vkv(vc, vb + 48), a6)
+        a7 = vfma(p, _vkv(vc, vb + 56), a7)
         vb += ks
     vstore(acc, ab, a0)
     vstore(acc, ab + 8, a1)
@@ -302,7 +299,7 @@ def _softmax_update(s, nv, r, m, den):
 
 
 @njit(inline="always", **_FAST)
-def attend_tile_simd(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, fmt, out, d):
+def attend_tile_simd(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     """Attention of queries lo..hi-1, query heads of KV heads h0..h1-1, over one sequence's
     pages (see the module docstring); d: the head dim, a multiple of 64."""
     block_size, hkv = kc.shape[1], kc.shape[2]
@@ -338,10 +335,10 @@ def attend_tile_simd(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, fmt, out, d)
                         continue
                     # groups of eight keys: block_size % 8 == 0 keeps every load in the block
                     for j0 in range(0, nv, 8):
-                        _scores8(qf, r * d, kc, base + j0 * ks, ks, fmt, s, j0, d)
+                        _scores8(qf, r * d, kc, base + j0 * ks, ks, s, j0, d)
                     alpha = _softmax_update(s, nv, r, m, den)
                     for e0 in range(0, d, 64):
-                        _pv64(acc, r * d + e0, alpha, s, vc, base + e0, ks, nv, fmt)
+                        _pv64(acc, r * d + e0, alpha, s, vc, base + e0, ks, nv)
     for i in range(hi - lo):
         for k in range(heads):
             inv = np.float32(1.0) / den[i * heads + k]

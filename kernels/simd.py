@@ -10,8 +10,8 @@ accumulators written as `f32x8` locals stay in registers by construction, and ev
 in the order written (explicit FMAs and reduction trees), not one the vectoriser picks.
 
 Loads and stores take a flat element index into a C-contiguous array (the caller computes
-it); pools of bfloat16 or float16 are read as their uint16 bits and int8 weights as bytes, all
-widened in registers.
+it); pools of bfloat16 or float16 are read as their 16-bit patterns (uint16 and int16) and
+int8 weights as bytes, all widened in registers.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ def _float16_bits(builder, bits):
     return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8)
 
 
-# each: elements flat..flat+7 of an array (bfloat16 and float16 pools as their uint16 bits)
+# each: elements flat..flat+7 of an array; a bfloat16 pool comes as its bits in uint16, a
+# float16 one in int16, so the element type alone picks the widening (no run-time branch)
 vload = _vector_load(types.float32, ir.FloatType(), lambda builder, v: v)
 vload_bf16 = _vector_load(types.uint16, ir.IntType(16), _bfloat16_bits)
-vload_f16 = _vector_load(types.uint16, ir.IntType(16), _float16_bits)
+vload_f16 = _vector_load(types.int16, ir.IntType(16), _float16_bits)
 vload_i8 = _vector_load(types.int8, ir.IntType(8), lambda b, v: b.sitofp(v, _V8))  # exact
 
 

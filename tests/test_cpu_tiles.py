@@ -36,9 +36,15 @@ def _sum_rows(x, out):
 
 
 @njit
-def _widen(bits, fmt, out):
+def _widen_bf16(bits, out):
     for i in range(0, bits.size, 8):
-        vstore(out, i, vload_bf16(bits, i) if fmt == 1 else vload_f16(bits, i))
+        vstore(out, i, vload_bf16(bits, i))
+
+
+@njit
+def _widen_f16(bits, out):
+    for i in range(0, bits.size, 8):
+        vstore(out, i, vload_f16(bits, i))
 
 
 @njit
@@ -58,11 +64,12 @@ def test_vsum8x8_adds_each_vector_in_its_documented_order():
     assert np.array_equal(out, tree)
 
 
-@pytest.mark.parametrize("dtype,fmt", [(torch.bfloat16, 1), (torch.float16, 2)])
-def test_16_bit_loads_widen_exactly(dtype, fmt):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_loads_widen_exactly(dtype):
     values = torch.randn(64).to(dtype)
     out = np.empty(64, np.float32)
-    _widen(values.view(torch.uint16).numpy(), fmt, out)
+    widen = _widen_bf16 if dtype == torch.bfloat16 else _widen_f16
+    widen(cpu_attention._pool_numpy(values), out)
     assert torch.equal(torch.from_numpy(out), values.float())
 
 
@@ -80,7 +87,7 @@ def test_simd_shape():
     assert not simd_shape(32, 16) and not simd_shape(64, 4) and not simd_shape(96, 16)
 
 
-def _run(case, heads: int, dtype_format: int) -> torch.Tensor:
+def _run(case, heads: int) -> torch.Tensor:
     """The kernel with work items of `heads` KV heads each."""
     pc = case
     out = torch.empty(pc.q.shape, dtype=torch.float32)
@@ -92,9 +99,7 @@ def _run(case, heads: int, dtype_format: int) -> torch.Tensor:
     k, v = (cpu_attention._pool_numpy(c) for c in (pc.k_cache, pc.v_cache))
     scale = np.float32(cpu_attention._LOG2E / math.sqrt(pc.q.shape[-1]))
     q = pc.q.float().contiguous().numpy()
-    cpu_attention._paged_attention(
-        q, k, v, *arrays, scale, dtype_format, 5, heads, skip, out.numpy()
-    )
+    cpu_attention._paged_attention(q, k, v, *arrays, scale, 5, heads, skip, out.numpy())
     return out
 
 
@@ -105,8 +110,7 @@ def test_work_split_does_not_change_a_bit(dtype, d):
     bits, and both match the reference."""
     seqs = [(70, [69]), (45, list(range(33, 45))), (9, list(range(9))), (128, [127])]
     case = make_paged_case(seqs, d=d, block_size=16, dtype=dtype, seed=5)
-    fmt = cpu_attention._FORMAT[dtype]
-    one, every = _run(case, 1, fmt), _run(case, 3, fmt)
+    one, every = _run(case, 1), _run(case, 3)
     assert torch.equal(one, every)
     expected = paged_attention_reference(*case.args())
     torch.testing.assert_close(every.to(dtype), expected, **TOL[dtype])
