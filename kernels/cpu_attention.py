@@ -26,6 +26,8 @@ despite the copy (numbers there); decode and short query ranges stay here.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -33,7 +35,7 @@ from numba import njit, prange
 from ._args import check_paged_attention, check_write_kv
 from .cpu_sdpa import SequenceAttention
 from .cpu_threads import numba_threads_as_torch
-from .cpu_tiles import attend_tile, attend_tile_simd, simd_shape
+from .cpu_tiles import attend_tile, attend_tile_simd, simd_shape, tile_kind
 
 QUERY_ROWS = 48  # (query, head) rows per work item: queries per tile = QUERY_ROWS // group
 TORCH_MIN_QUERIES = 16  # sequences with this many query rows go to cpu_sdpa (measured there)
@@ -45,38 +47,73 @@ _POOL_VIEW = {
     torch.float16: torch.int16,
 }
 _LOG2E = 1.4426950408889634
-_FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
+# Numba's on-disk cache for the kernel: off unless PENSIEVE_KERNEL_CACHE=1. Measured on a
+# 2-core AVX-512 EPYC, bfloat16: this parallel kernel loaded from the cache ran 1.6-3x slower
+# than the same code compiled in the process (32 sequences x 512 keys on one thread: 1.03-1.05
+# ms fresh in 3 processes, 1.7-3.2 ms cached in 8; the serial form ran ~1.0 ms either way), and
+# engine steps of 24 rows took 1.5-1.8x longer with it (bench/README.md). Compiling costs ~9 s
+# per pool dtype and tile kind, once per process, at start-up (`warm_up`); the tests turn the
+# cache on to skip that.
+_KERNEL = {
+    "fastmath": True,
+    "error_model": "numpy",
+    "cache": os.environ.get("PENSIEVE_KERNEL_CACHE", "0") not in ("", "0"),
+}
 
 
-@njit(parallel=True, nogil=True, **_FAST)
-def _paged_attention(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
-    """Spread (sequence, query tile, `heads` KV heads) work items over the cores; skip[b] != 0:
-    none for sequence b. heads: 1, or all KV heads (taken only where `attend_tile_simd` runs)."""
-    batch = tables.shape[0]
-    d = q.shape[2]
-    simd = (d == 64 or d == 128) and kc.shape[1] % 8 == 0  # `simd_shape`, inside the kernel
-    heads = heads if simd else 1  # the scalar tile takes one KV head per item
-    parts = kc.shape[2] // heads
+@njit(inline="always", **_KERNEL)
+def _tile_starts(starts, skip, qtile):
+    """Sequence b's query tiles are numbered tile_start[b]..tile_start[b + 1] - 1 (none where
+    skip[b] != 0)."""
+    batch = starts.shape[0] - 1
     tile_start = np.zeros(batch + 1, np.int64)
     for b in range(batch):
         n = 0 if skip[b] else starts[b + 1] - starts[b]
         tile_start[b + 1] = tile_start[b] + (n + qtile - 1) // qtile
-    for w in prange(tile_start[batch] * parts):
-        tile = w // parts
-        h0 = (w - tile * parts) * heads
-        b = np.searchsorted(tile_start, tile, side="right") - 1
-        lo = starts[b] + (tile - tile_start[b]) * qtile
-        hi = min(lo + qtile, starts[b + 1])
-        table, ctx_b = tables[b], ctx[b]
-        # the head dim as a literal: loops unrolled, no remainder (each literal is one more
-        # inlined copy to compile, cached on disk after)
-        if simd and d == 64:
-            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, out, 64)
-        elif simd and d == 128:
-            attend_tile_simd(q, kc, vc, table, lo, hi, h0, h0 + heads, pos, ctx_b, c, out, 128)
-        else:
-            group = q.shape[1] // kc.shape[2]
-            attend_tile(q, kc, vc, table, lo, hi, h0, group, pos, ctx_b, c, out, d)
+    return tile_start
+
+
+@njit(inline="always", **_KERNEL)
+def _work_item(w, tile_start, starts, parts, heads, qtile):
+    """Work item w as (sequence, first query, end query, first KV head)."""
+    t = w // parts
+    b = np.searchsorted(tile_start, t, side="right") - 1
+    lo = starts[b] + (t - tile_start[b]) * qtile
+    return b, lo, min(lo + qtile, starts[b + 1]), (w - t * parts) * heads
+
+
+# One kernel per tile kind, each compiling only its own tile (one kernel holding all three
+# took ~23 s to compile). Each spreads (sequence, query tile, `heads` KV heads) work items over
+# the cores; skip[b] != 0: none for sequence b. heads: 1, or all KV heads where the tile is
+# `attend_tile_simd` (its head dim a constant: loops unrolled, no remainder).
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _attention_d64(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    tile_start = _tile_starts(starts, skip, qtile)
+    parts = kc.shape[2] // heads
+    for w in prange(tile_start[-1] * parts):
+        b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
+        attend_tile_simd(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, 64)
+
+
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _attention_d128(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    tile_start = _tile_starts(starts, skip, qtile)
+    parts = kc.shape[2] // heads
+    for w in prange(tile_start[-1] * parts):
+        b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
+        attend_tile_simd(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, 128)
+
+
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _attention_any(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    tile_start = _tile_starts(starts, skip, qtile)
+    group = q.shape[1] // kc.shape[2]
+    for w in prange(tile_start[-1] * kc.shape[2]):
+        b, lo, hi, h = _work_item(w, tile_start, starts, kc.shape[2], 1, qtile)
+        attend_tile(q, kc, vc, tables[b], lo, hi, h, group, pos, ctx[b], c, out, q.shape[2])
+
+
+_KERNELS = {64: _attention_d64, 128: _attention_d128, 0: _attention_any}
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:
@@ -193,7 +230,7 @@ class CpuStep:
         qtile, heads = self._work_split(q, k_cache)
         # work items differ in cost: hand them out one by one
         with numba_threads_as_torch(chunksize=1):
-            _paged_attention(
+            _KERNELS[tile_kind(q.shape[2], k_cache.shape[1])](
                 q.to(torch.float32).contiguous().numpy(),
                 _pool_numpy(k_cache),
                 _pool_numpy(v_cache),
@@ -233,6 +270,17 @@ def paged_attention_cpu(
         block_tables, query_start, query_positions, context_lens, impl=impl, query_tile=query_tile
     )
     return step.attention(q, k_cache, v_cache, scale)
+
+
+def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, query_heads: int) -> None:
+    """Compile the kernel this pool's layers take (~10 s without the on-disk cache, see
+    `_KERNEL`) before a step needs it: one decode query over the pool's first block, whose
+    result is dropped; the pool is only read."""
+    q = torch.zeros(1, query_heads, k_cache.shape[-1], dtype=k_cache.dtype)
+    first = torch.zeros(1, 1, dtype=torch.int32)
+    starts = torch.tensor([0, 1], dtype=torch.int32)
+    zero, one = torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    paged_attention_cpu(q, k_cache, v_cache, first, starts, zero, one, 1.0, impl="numba")
 
 
 def write_kv_cpu(

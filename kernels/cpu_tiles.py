@@ -49,9 +49,14 @@ _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 
 
 def simd_shape(head_dim: int, block_size: int) -> bool:
-    """Whether `attend_tile_simd` takes this head dim and block size (as `_paged_attention`
-    decides inside the kernel)."""
+    """Whether `attend_tile_simd` takes this head dim and block size."""
     return head_dim in (64, 128) and block_size % 8 == 0
+
+
+def tile_kind(head_dim: int, block_size: int) -> int:
+    """The CPU kernel's tile for this shape: the head dim where `attend_tile_simd` takes it,
+    0 for `attend_tile`."""
+    return head_dim if simd_shape(head_dim, block_size) else 0
 
 
 @intrinsic

@@ -43,6 +43,7 @@ from pensieve.errors import (
     from_info,
 )
 from pensieve.export import decode_export, encode_export, profile_disk_read
+from pensieve.kernels.cpu_attention import warm_up as warm_up_cpu_attention
 from pensieve.kv_events import KvEventTracker
 from pensieve.linear import pack_for_cpu
 from pensieve.messages import (
@@ -215,6 +216,11 @@ class Engine:
         device_pool = await run_on_compute_thread(
             KVPool.empty, layers, device_blocks, *layout, device=model.device
         )
+        if model.device.type == "cpu":  # the attention kernel compiles now, not in a request
+            await run_on_compute_thread(
+                warm_up_cpu_attention, device_pool.keys[0], device_pool.values[0],
+                mc.num_attention_heads,
+            )  # fmt: skip
         host_pool = None
         if host_blocks:
             host_pool = await run_on_compute_thread(

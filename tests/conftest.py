@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pensieve.config import ModelConfig
+# The CPU attention kernel skips Numba's on-disk cache by default (its cached form runs slower,
+# see kernels/cpu_attention.py): each of the suite's processes would compile it for every pool
+# dtype and head dim it meets (~10 s each). Same code either way, so the tests take the cache.
+os.environ.setdefault("PENSIEVE_KERNEL_CACHE", "1")
+
+from pensieve.config import ModelConfig  # noqa: E402 - after the setting above
 from pensieve.errors import ModelLoadError
 from pensieve.model import build_model
 from pensieve.runtime import LoadedModel

@@ -12,7 +12,7 @@ import torch
 from numba import njit
 
 from pensieve.kernels import cpu_attention
-from pensieve.kernels.cpu_tiles import simd_shape
+from pensieve.kernels.cpu_tiles import simd_shape, tile_kind
 from pensieve.kernels.reference import paged_attention_reference
 from pensieve.kernels.simd import vfma, vload, vload_bf16, vload_f16, vsplat, vstore, vsum8x8
 from pensieve.kernels.testing import make_paged_case
@@ -99,7 +99,10 @@ def _run(case, heads: int) -> torch.Tensor:
     k, v = (cpu_attention._pool_numpy(c) for c in (pc.k_cache, pc.v_cache))
     scale = np.float32(cpu_attention._LOG2E / math.sqrt(pc.q.shape[-1]))
     q = pc.q.float().contiguous().numpy()
-    cpu_attention._paged_attention(q, k, v, *arrays, scale, 5, heads, skip, out.numpy())
+    kind = tile_kind(pc.q.shape[2], pc.k_cache.shape[1])
+    heads = heads if kind else 1  # the scalar tile takes one KV head per item
+    kernel = cpu_attention._KERNELS[kind]
+    kernel(q, k, v, *arrays, scale, 5, heads, skip, out.numpy())
     return out
 
 

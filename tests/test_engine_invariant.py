@@ -20,26 +20,42 @@ WORDS = "the a cat dog sees runs blue red tree house why how many seven rivers q
 
 
 async def replay(
-    engine: Engine, n_convs: int, turns: int, seed: int, explicit_ids: bool
+    engine: Engine,
+    n_convs: int,
+    turns: int,
+    seed: int,
+    explicit_ids: bool,
+    *,
+    round_robin: int = 0,
 ) -> list[tuple[list[int], SamplingParams, list[int]]]:
-    """Run conversations concurrently in random order; return (prompt, sampling, generated)."""
+    """Run conversations concurrently in random order, then `round_robin` more turns of each,
+    one conversation after another; return (prompt, sampling, generated) of every turn. The
+    round-robin turns come back after the others have taken the device tier: where it is small,
+    each restores what was swapped out, whatever the timing of the concurrent part."""
     rng = random.Random(seed)
     records: list[tuple[list[int], SamplingParams, list[int]]] = []
+    histories: list[list[dict]] = [[] for _ in range(n_convs)]
+
+    async def turn(i: int) -> None:
+        history = histories[i]
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
+        history.append({"role": "user", "content": words})
+        sampling = SamplingParams(temperature=0, max_tokens=rng.randint(2, 14))
+        prompt = engine.tokenizer.encode_chat(history)
+        stream = engine.chat(history, f"conv-{seed}-{i}" if explicit_ids else None, sampling)
+        reply = await stream.text()
+        records.append((prompt, sampling, stream.token_ids))
+        history.append({"role": "assistant", "content": reply})
 
     async def conversation(i: int) -> None:
-        history: list[dict] = []
         for _ in range(turns):
             await asyncio.sleep(rng.random() * 0.05)
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
-            history.append({"role": "user", "content": words})
-            sampling = SamplingParams(temperature=0, max_tokens=rng.randint(2, 14))
-            prompt = engine.tokenizer.encode_chat(history)
-            stream = engine.chat(history, f"conv-{seed}-{i}" if explicit_ids else None, sampling)
-            reply = await stream.text()
-            records.append((prompt, sampling, stream.token_ids))
-            history.append({"role": "assistant", "content": reply})
+            await turn(i)
 
     await asyncio.wait_for(asyncio.gather(*(conversation(i) for i in range(n_convs))), 120)
+    for _ in range(round_robin):
+        for i in range(n_convs):
+            await asyncio.wait_for(turn(i), 60)
     return records
 
 
@@ -74,7 +90,12 @@ async def test_stateful_equals_stateless_under_pressure(
         profile_cost=False,
     )
     async with Engine(config, loaded=tiny, cost_model=CostModel.linear()) as engine:
-        records = await replay(engine, n_convs=4, turns=4, seed=seed, explicit_ids=seed == 1)
+        # swap-only: one more turn each, in turn, restores what the others pushed to the host
+        # (512 device tokens; the other tiers' prompts would outgrow their 384 with it)
+        more = 1 if pressure == "swap-only" else 0
+        records = await replay(
+            engine, n_convs=4, turns=4, seed=seed, explicit_ids=seed == 1, round_robin=more
+        )
         stats = await engine.stats()
         await engine.check_accounting()
         assert all(not c.active for c in (await engine.conversations()))
