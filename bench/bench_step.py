@@ -159,6 +159,15 @@ def bound(
     }
 
 
+def kernel_cache() -> bool | None:
+    """Whether the CPU attention kernel comes from Numba's on-disk cache (None: this version
+    does not say)."""
+    from pensieve.kernels import cpu_attention
+
+    options = getattr(cpu_attention, "_KERNEL", None)
+    return None if options is None else bool(options["cache"])
+
+
 def deterministic_setup(
     model: LlamaForCausalLM, config: EngineConfig
 ) -> tuple[dict[str, bool], int | None]:
@@ -272,6 +281,8 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
         "load_average": [load_before, os.getloadavg()[0]],  # 1-minute, before and after
         "deterministic": getattr(config, "deterministic", None),
         "quantize": getattr(config, "quantize", None),
+        # the CPU attention kernel loaded from Numba's on-disk cache runs slower (bench/README.md)
+        "kernel_cache": kernel_cache(),
         "tiled_matmuls": tiled,  # batch-invariant matmuls run in fixed tiles
         "block_size": config.block_size,
         "weight_bytes": weight_bytes(model),
@@ -305,7 +316,7 @@ def table(report: dict[str, Any]) -> str:
         f"{report['threads']} threads, deterministic {report['deterministic']} "
         f"({report['tiled_matmuls']} matmuls tiled), quantize {report['quantize']}, "
         f"load average {report['load_average'][0]:.2f} -> {report['load_average'][1]:.2f}",
-        f"cpu: {flags}",
+        f"cpu: {flags}; attention kernel from Numba's cache: {report.get('kernel_cache')}",
         f"GEMM GFLOP/s at M={lim['gemm_m']}: {gemm}",
         f"memory: read {lim['read_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"copy {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)",
