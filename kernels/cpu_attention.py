@@ -82,26 +82,29 @@ def _work_item(w, tile_start, starts, parts, heads, qtile):
     return b, lo, min(lo + qtile, starts[b + 1]), (w - t * parts) * heads
 
 
-# One kernel per tile kind, each compiling only its own tile (one kernel holding all three
-# took ~23 s to compile). Each spreads (sequence, query tile, `heads` KV heads) work items over
-# the cores; skip[b] != 0: none for sequence b. heads: 1, or all KV heads where the tile is
-# `attend_tile_simd` (its head dim a constant: loops unrolled, no remainder).
-@njit(parallel=True, nogil=True, **_KERNEL)
-def _attention_d64(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+@njit(inline="always", **_KERNEL)
+def _spread_simd(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, d):
+    """The work items through `attend_tile_simd` at head dim d (a constant where it is
+    inlined: loops unrolled, no remainder)."""
     tile_start = _tile_starts(starts, skip, qtile)
     parts = kc.shape[2] // heads
     for w in prange(tile_start[-1] * parts):
         b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
-        attend_tile_simd(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, 64)
+        attend_tile_simd(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d)
+
+
+# One kernel per tile kind, each compiling only its own tile (one kernel holding all three
+# took ~23 s to compile). Each spreads (sequence, query tile, `heads` KV heads) work items over
+# the cores; skip[b] != 0: none for sequence b. heads: 1, or all KV heads where the tile is
+# `attend_tile_simd` (`_attention_any` takes one KV head per item whatever `heads` says).
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _attention_d64(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    _spread_simd(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 64)
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
 def _attention_d128(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
-    tile_start = _tile_starts(starts, skip, qtile)
-    parts = kc.shape[2] // heads
-    for w in prange(tile_start[-1] * parts):
-        b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
-        attend_tile_simd(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, 128)
+    _spread_simd(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 128)
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
@@ -273,7 +276,7 @@ def paged_attention_cpu(
 
 
 def warm_up(k_cache: torch.Tensor, v_cache: torch.Tensor, query_heads: int) -> None:
-    """Compile the kernel this pool's layers take (~10 s without the on-disk cache, see
+    """Compile the kernel this pool's layers take (~9 s without the on-disk cache, see
     `_KERNEL`) before a step needs it: one decode query over the pool's first block, whose
     result is dropped; the pool is only read."""
     q = torch.zeros(1, query_heads, k_cache.shape[-1], dtype=k_cache.dtype)
