@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -140,18 +141,22 @@ def kernels(device: torch.device, smoke: bool, peak: float, log: Log) -> list[di
     repeat, dtype, results = (2 if smoke else 20), torch.bfloat16, []
     for name, heads in layouts.items():
         case = PagedBatch(*paper, heads, dtype, device)
-        err = (case.paged().float() - case.sdpa_as_rows().float()).abs().max().item()
+        direct = case.paged()
+        err = (direct.float() - case.sdpa_as_rows().float()).abs().max().item()
+        same = torch.equal(direct, _via_numba_dispatcher(case.paged))
         t = {
             "paged": time_ms(case.paged, device, repeat),
             "sdpa": time_ms(case.sdpa, device, repeat),
             "copy": time_ms(case.copy_then_attend, device, repeat),
         }
-        ok = err <= 2e-2
+        ok = err <= 2e-2 and same
         log(f"  {name}, batch {paper[0]} x {paper[1]} queries, {paper[2]} past: paged "
             f"{t['paged']:.3f} ms, SDPA contiguous {t['sdpa']:.3f} ms "
             f"({t['paged'] / t['sdpa']:.2f}x), copy-then-attend {t['copy']:.3f} ms; "
-            f"max |paged - SDPA| {err:.4f}  {'ok' if ok else 'FAIL'}")  # fmt: skip
-        results.append({"case": "paper", "layout": name, **t, "max_err": err, "ok": ok})
+            f"max |paged - SDPA| {err:.4f}; direct launch == Numba's launcher: {same}  "
+            f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+        results.append({"case": "paper", "layout": name, **t, "max_err": err,
+                        "launch_paths_equal": same, "ok": ok})  # fmt: skip
         del case
         for batch, ctx in decode:
             case = PagedBatch(batch, 1, ctx - 1, heads, dtype, device)
@@ -168,6 +173,19 @@ def kernels(device: torch.device, smoke: bool, peak: float, log: Log) -> list[di
                             "sdpa_gbps": sdpa_gbps, "max_err": err, "ok": ok})  # fmt: skip
             del case
     return results
+
+
+def _via_numba_dispatcher(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with every kernel launched by Numba's dispatcher (`kernels.cuda_launch`)."""
+    before = os.environ.get("PENSIEVE_NUMBA_LAUNCH")
+    os.environ["PENSIEVE_NUMBA_LAUNCH"] = "1"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["PENSIEVE_NUMBA_LAUNCH"]
+        else:
+            os.environ["PENSIEVE_NUMBA_LAUNCH"] = before
 
 
 async def _swap(

@@ -24,6 +24,7 @@ from numba import cuda
 
 from ._args import check_paged_attention, check_write_kv
 from .cuda_decode import decode_source, merge_source
+from .cuda_launch import kernel_array, launch
 from .cuda_plan import (
     AttentionPlan,
     LaunchConfig,
@@ -32,7 +33,7 @@ from .cuda_plan import (
     words_per_row,
 )
 from .cuda_prefill import prefill_source
-from .cuda_prims import LOG2E, SIMULATOR, log2_exact, reset_simulated_warps
+from .cuda_prims import LOG2E, SIMULATOR, log2_exact
 from .cuda_write import write_source
 
 FORMAT_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -42,7 +43,8 @@ SIGNATURES = {  # every kernel takes flat words, row strides in words, int32 met
     "decode": f"void({_W}, int32, {_W}, {_W}, {_W}, int32, {_W}, {_W}, int32, {_F}, {_F}, float32)",
     "merge": f"void({_W}, {_F}, {_F}, {_W}, int32)",
     "prefill": (
-        f"void({_W}, int32, {_W}, {_W}, {_W}, int32, {_W}, {_W}, {_W}, {_W}, int32, float32)"
+        f"void({_W}, int32, {_W}, {_W}, {_W}, int32, {_W}, {_W}, {_W}, {_W}, int32, {_F}, {_F}, "
+        "float32)"
     ),
     "write_kv": f"void({_W}, int32, {_W}, int32, {_W}, {_W}, {_W}, int32)",
 }
@@ -97,17 +99,6 @@ def warm_up(dtype: torch.dtype, head_dim: int, block_size: int, hkv: int, group:
     compiled("write_kv", fmt, head_dim, hkv, False)
 
 
-def _array(t: torch.Tensor):
-    """A contiguous 1-D tensor as a kernel argument: numpy view (simulator) or device array."""
-    if SIMULATOR:
-        if t.is_cuda:
-            raise ValueError("the CUDA simulator is on: pass CPU tensors")
-        return t.numpy()
-    if not t.is_cuda:
-        raise ValueError("the CUDA kernels need CUDA tensors (or NUMBA_ENABLE_CUDASIM=1)")
-    return cuda.as_cuda_array(t)
-
-
 def rows_as_words(x: torch.Tensor, align: int = 16) -> tuple[torch.Tensor, int]:
     """[T, H, D] with contiguous [H, D] rows -> (flat int32 words, row stride in words).
 
@@ -132,27 +123,15 @@ def rows_as_words(x: torch.Tensor, align: int = 16) -> tuple[torch.Tensor, int]:
     return words, x.stride(0) * esz // 4
 
 
-_POOL_VIEWS: dict[tuple, object] = {}
-
-
 def pool_words(cache: torch.Tensor):
-    """One layer's K or V pool as flat words for the kernels; converted once per process."""
-    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype, str(cache.device))
-    found = _POOL_VIEWS.get(key)
-    if found is not None:
-        return found
+    """One layer's K or V pool as flat words for the kernels (a view: no copy)."""
     if not cache.is_contiguous() or cache.data_ptr() % 16:
         raise ValueError("the KV pool must be contiguous and 16-byte aligned")
     if cache.numel() * cache.element_size() // 4 >= 2**31:
         raise ValueError("one layer's KV pool exceeds 2**31 words (32-bit index math)")
     flat = cache.view(-1)
     words = flat.view(torch.int32) if cache.element_size() == 4 else flat.view(torch.int16)
-    arr = _array(words.view(torch.int32))
-    if not SIMULATOR:  # numpy views would pin CPU tensors; they are cheap to rebuild anyway
-        if len(_POOL_VIEWS) > 256:
-            _POOL_VIEWS.clear()
-        _POOL_VIEWS[key] = arr
-    return arr
+    return kernel_array(words.view(torch.int32))
 
 
 def device_context(device: torch.device):
@@ -246,14 +225,15 @@ class CudaStep:
         if t.numel() == 0:
             return None
         self._keep.append(t)
-        return _array(t)
+        return kernel_array(t)
 
     def _float_array(self, t: torch.Tensor):
         self._keep.append(t)
-        return _array(t)
+        return kernel_array(t)
 
     def _launch(self, name: str, grid: tuple, block: int, *args) -> None:
-        _run(compiled(*self._specs[name]), grid, block, self.stream, args)
+        kernel = compiled(*self._specs[name])
+        launch(kernel, grid, block, self.stream, self.device.index or 0, args)
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
@@ -268,7 +248,7 @@ class CudaStep:
     def _attention(self, q, out, k_cache, v_cache, scale) -> None:
         qw, qs = rows_as_words(q)
         ow, os_ = rows_as_words(out)
-        qa, oa = _array(qw), _array(ow)
+        qa, oa = kernel_array(qw), kernel_array(ow)
         kc, vc = pool_words(k_cache), pool_words(v_cache)
         p, cfg = self.plan, self.config
         scale2 = np.float32(scale * LOG2E)
@@ -279,16 +259,17 @@ class CudaStep:
                 "decode", grid, cfg.decode_threads, qa, qs, kc, vc, self.tables,
                 self.table_width, self.items, oa, os_, self.o_part, self.ml_part, scale2,
             )  # fmt: skip
-        if len(p.merges):  # one thread per word of a head's row (at most 128)
-            threads = words_per_row(self.fmt, self.head_dim)
-            grid = (len(p.merges), self.hq)
-            self._launch("merge", grid, threads, self.merges, self.o_part, self.ml_part, oa, os_)
         if len(p.prefill_tiles):
             grid = (len(p.prefill_tiles), self.hkv * p.prefill_slices)
             self._launch(
                 "prefill", grid, cfg.prefill_threads, qa, qs, kc, vc, self.tables,
-                self.table_width, self.tiles, self.positions, self.context_lens, oa, os_, scale2,
+                self.table_width, self.tiles, self.positions, self.context_lens, oa, os_,
+                self.o_part, self.ml_part, scale2,
             )  # fmt: skip
+        if len(p.merges):  # after both: split decode rows and split prefill tiles
+            threads = words_per_row(self.fmt, self.head_dim)  # one per word (at most 128)
+            grid = (len(p.merges), self.hq)
+            self._launch("merge", grid, threads, self.merges, self.o_part, self.ml_part, oa, os_)
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -300,17 +281,6 @@ class CudaStep:
             raise ValueError("this step was built without a slot mapping")
         with device_context(self.device):
             _write_kv(k, v, k_cache, v_cache, self.slots, self.stream)
-
-
-def _run(kernel: Callable, grid: tuple, block: int, stream, args: tuple) -> None:
-    """Launch on `stream` (GPU), or in the simulator."""
-    if SIMULATOR:
-        try:
-            kernel[grid, block](*args)
-        finally:
-            reset_simulated_warps()
-    else:
-        kernel[grid, block, stream](*args)
 
 
 def _write_kv(k, v, k_cache, v_cache, slots, stream) -> None:
@@ -326,9 +296,9 @@ def _write_kv(k, v, k_cache, v_cache, slots, stream) -> None:
     units = t * (row_bytes // align)
     grid = (-(-units // WRITE_THREADS),)
     kernel = compiled("write_kv", fmt, d, hkv, vector)
-    args = (_array(kw), np.int32(ks), _array(vw), np.int32(vs), pool_words(k_cache),
+    args = (kernel_array(kw), np.int32(ks), kernel_array(vw), np.int32(vs), pool_words(k_cache),
             pool_words(v_cache), slots, np.int32(t))  # fmt: skip
-    _run(kernel, grid, WRITE_THREADS, stream, args)
+    launch(kernel, grid, WRITE_THREADS, stream, k_cache.device.index or 0, args)
 
 
 def paged_attention_cuda(
@@ -379,4 +349,4 @@ def write_kv_cuda(
     slots = slot_mapping.to(torch.int32).contiguous()
     with device_context(k_cache.device):
         stream = None if SIMULATOR else _torch_stream(k_cache.device)
-        _write_kv(k, v, k_cache, v_cache, _array(slots), stream)
+        _write_kv(k, v, k_cache, v_cache, kernel_array(slots), stream)

@@ -8,6 +8,9 @@ once per engine step, not once per layer. Each step's query rows are split by sh
   merge entry combines them;
 - sequences with several queries (prefill, recompute, history prefill) go to the multi-query
   kernel in tiles of consecutive rows that fill its block; the grid is exactly the tile list.
+  When tiles x KV heads would leave SMs idle (a short chunk over a long history: a 32-token
+  turn after 4096 cached tokens is 12 blocks on 132 SMs) each tile's keys are split likewise,
+  every (row, partition) writing a partial that the same merge kernel combines.
 Work lists are sorted longest first, so the longest blocks start early and the tail is short.
 """
 
@@ -19,7 +22,9 @@ import numpy as np
 
 ITEM = 5  # decode item: query row, sequence, first key, end key, partial slot (-1: final)
 MERGE = 3  # merge entry: query row, first partial slot, number of slots
-TILE = 4  # prefill tile: sequence, first query row, number of rows, keys to read
+# prefill tile: sequence, first query row, number of rows, first key, end key, partial slot of
+# its first row (-1: final), slot stride between rows (the tile's partitions)
+TILE = 7
 ELEMS_PER_WORD = {"float32": 1, "float16": 2, "bfloat16": 2}
 REGISTER_FLOATS = 32  # per-thread query (and accumulator) floats a decode block may hold
 
@@ -87,7 +92,7 @@ class AttentionPlan:
     decode_items: np.ndarray
     merges: np.ndarray
     prefill_tiles: np.ndarray
-    slots: int  # float32 partials the split decode rows need (per query head)
+    slots: int  # float32 partials the split rows need (per query head)
     decode_slices: int
     prefill_slices: int
 
@@ -128,15 +133,30 @@ def plan_attention(
     dec_slices = -(-group // decode_rows(fmt, group))
     geo = prefill_geometry(fmt, head_dim, group, config.prefill_threads)
     items, merges = _decode_items(dec_rows, dec_seqs, lims[dec_rows], hkv * dec_slices, config, sms)
+    slots = int(merges[:, 2].sum()) if len(merges) else 0
     tiles = _prefill_tiles(qs, nq, lims, geo.queries)
+    tiles, tile_merges = _split_tiles(tiles, hkv * geo.slices, config, sms, slots)
+    slots += int(tile_merges[:, 2].sum()) if len(tile_merges) else 0
     return AttentionPlan(
         decode_items=items,
-        merges=merges,
+        merges=np.concatenate([merges, tile_merges]),
         prefill_tiles=tiles,
-        slots=int(merges[:, 2].sum()) if len(merges) else 0,
+        slots=slots,
         decode_slices=dec_slices,
         prefill_slices=geo.slices,
     )
+
+
+def _splits(keys: np.ndarray, work: int, blocks_per_work: int, config: LaunchConfig, sms: int):
+    """(partitions, keys per partition) for each work unit: enough blocks for `waves` x SMs,
+    each partition at least `split_min_keys` long and starting on a 16-key boundary."""
+    want = 1
+    if work:
+        want = max(1, -(-config.waves * sms // (work * blocks_per_work)))
+    splits = np.clip(np.minimum(keys // max(1, config.split_min_keys), want), 1, config.max_splits)
+    part = -(-keys // splits)
+    part = -(-part // 16) * 16
+    return np.where(splits > 1, -(-keys // part), 1), part
 
 
 def _decode_items(
@@ -148,13 +168,7 @@ def _decode_items(
     sms: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One item per decode row, or per partition of it when the grid would be too small."""
-    want = 1
-    if len(rows):
-        want = max(1, -(-config.waves * sms // (len(rows) * blocks_per_row)))
-    splits = np.clip(np.minimum(keys // max(1, config.split_min_keys), want), 1, config.max_splits)
-    part = -(-keys // splits)
-    part = -(-part // 16) * 16  # partitions start on 16-key boundaries
-    splits = np.where(splits > 1, -(-keys // part), 1)
+    splits, part = _splits(keys, len(rows), blocks_per_row, config, sms)
     items, merges, slot = [], [], 0
     for t, b, k, s, p in zip(rows, seqs, keys, splits, part, strict=True):
         if s == 1:
@@ -174,6 +188,28 @@ def _prefill_tiles(qs: np.ndarray, nq: np.ndarray, lims: np.ndarray, per_tile: i
     for b in np.flatnonzero(nq > 1):
         for lo in range(int(qs[b]), int(qs[b + 1]), per_tile):
             n = min(per_tile, int(qs[b + 1]) - lo)
-            tiles.append((b, lo, n, int(lims[lo : lo + n].max())))
-    arr = np.asarray(tiles, dtype=np.int32).reshape(-1, TILE)
-    return arr[np.argsort(-arr[:, 3], kind="stable")]
+            tiles.append((b, lo, n, 0, int(lims[lo : lo + n].max()), -1, 0))
+    return np.asarray(tiles, dtype=np.int32).reshape(-1, TILE)
+
+
+def _split_tiles(
+    tiles: np.ndarray, blocks_per_tile: int, config: LaunchConfig, sms: int, slot: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles split into key partitions when the grid would be too small; slots from `slot` on.
+
+    Row i of a tile with s partitions keeps its partials in slots first + i*s .. + s - 1, so
+    each row is one merge entry. Every partition starts at or before a row's causal limit
+    except where the row has fewer keys: such a partial is empty (max -1e30, sum 0) and
+    weighs nothing in the merge. Sorted by keys to read, longest first."""
+    splits, part = _splits(tiles[:, 4], len(tiles), blocks_per_tile, config, sms)
+    out, merges = [], []
+    for (b, lo, n, _, end, _, _), s, p in zip(tiles.tolist(), splits, part, strict=True):
+        if s == 1:
+            out.append((b, lo, n, 0, end, -1, 0))
+            continue
+        out.extend((b, lo, n, i * p, min(end, (i + 1) * p), slot + i, s) for i in range(s))
+        merges.extend((lo + i, slot + i * s, s) for i in range(n))
+        slot += n * s
+    arr = np.asarray(out, dtype=np.int32).reshape(-1, TILE)
+    order = np.argsort(-(arr[:, 4] - arr[:, 3]), kind="stable")
+    return arr[order], np.asarray(merges, dtype=np.int32).reshape(-1, MERGE)

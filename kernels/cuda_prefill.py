@@ -9,7 +9,9 @@ accumulator stay in registers. Per key tile the block stages `key_tile` K and V 
 scores are lane partials summed by warp shuffles, kept in a padded shared row per (query, head),
 and the online softmax rescales once per tile. Two block barriers per tile, none per key.
 Keys past a row's causal limit or its context are masked; past the tile's last needed key K/V
-are zero, so a masked key never multiplies garbage. Shapes are compile-time constants, index
+are zero, so a masked key never multiplies garbage. A tile may cover one partition of the keys
+(split-KV, `cuda_plan`): it then writes each row's float32 partial and (max, sum) for the merge
+kernel instead of the normalised output. Shapes are compile-time constants, index
 math 32-bit, divisions shifts or constant multiplies.
 """
 
@@ -50,10 +52,12 @@ def prefill_source(
     LOG_BS = log2_exact(block_size, "block size")
     BS_MASK = block_size - 1
     ROW_WORDS = hkv * WPR
+    D = head_dim
+    HQ = hkv * group
     KSH = KT * PITCH
     SSH = geo.rows * SP
 
-    def prefill(q, qs, kc, vc, tables, tw, tiles, pos, ctx, out, os_, scale):
+    def prefill(q, qs, kc, vc, tables, tw, tiles, pos, ctx, out, os_, o_part, ml_part, scale):
         k_sh = cuda.shared.array(KSH, np.int32)
         v_sh = cuda.shared.array(KSH, np.int32)
         s_sh = cuda.shared.array(SSH, np.float32)
@@ -67,7 +71,10 @@ def prefill_source(
         b = tiles[tile]
         row0 = tiles[tile + 1]
         nq = tiles[tile + 2]
-        kmax = tiles[tile + 3]
+        kbegin = tiles[tile + 3]
+        kend = tiles[tile + 4]
+        slot0 = tiles[tile + 5]
+        sstride = tiles[tile + 6]
         y = np.int32(cuda.blockIdx.y)
         h = np.int32(y // NSLICES)
         g = np.int32((y - h * NSLICES) * GRP + r - qi * GRP)
@@ -90,8 +97,8 @@ def prefill_source(
         den = np.float32(0.0)
         tb = np.int32(b * tw)
         hoff = np.int32(h * WPR)
-        for k0 in range(0, kmax, KT):
-            nk = np.int32(min(KT, kmax - k0))
+        for k0 in range(kbegin, kend, KT):
+            nk = np.int32(min(KT, kend - k0))
             for i in range(SPT):
                 vi = np.int32(tid + i * NT)
                 j = vi >> LOG_VPK
@@ -156,7 +163,20 @@ def prefill_source(
                         acc[w] += pj * a
             m = mnew
             cuda.syncthreads()
-        if active:
+        if active and slot0 >= 0:  # one partition: the unnormalised partial, (max, sum)
+            pb = np.int32((slot0 + qi * sstride) * HQ + hd)
+            eb = np.int32(pb * D + li * epw)
+            for w in range(WL):
+                e = np.uint64(eb + w * TL * epw)
+                if epw == 2:
+                    o_part[e] = acc[2 * w]
+                    o_part[e + np.uint64(1)] = acc[2 * w + 1]
+                else:
+                    o_part[e] = acc[w]
+            if li == 0:
+                ml_part[np.uint64(2 * pb)] = m
+                ml_part[np.uint64(2 * pb + 1)] = den
+        elif active:
             inv = np.float32(1.0) / den
             ob = np.int32(t * os_ + hd * WPR + li)
             for w in range(WL):

@@ -40,7 +40,9 @@ def _covered_rows(plan) -> list[int]:
     """Query rows written: unsplit decode items, merged rows, and prefill tile rows."""
     rows = [int(t) for t, _, _, _, slot in plan.decode_items if slot < 0]
     rows += [int(t) for t, _, _ in plan.merges]
-    rows += [r for _, lo, n, _ in plan.prefill_tiles for r in range(lo, lo + n)]
+    rows += [
+        r for _, lo, n, _, _, slot, _ in plan.prefill_tiles if slot < 0 for r in range(lo, lo + n)
+    ]
     return rows
 
 
@@ -52,9 +54,10 @@ def test_every_query_row_is_served_exactly_once(seed):
     plan, starts, positions = _plan(seqs, sms=rng.choice([1, 8, 132]))
     assert sorted(_covered_rows(plan)) == list(range(len(positions)))
     geo = prefill_geometry("bfloat16", 64, 3, CFG.prefill_threads)
-    for b, lo, n, kmax in plan.prefill_tiles:
+    for b, lo, n, _, end, slot, _ in plan.prefill_tiles:
         assert 1 <= n <= geo.queries and starts[b] <= lo and lo + n <= starts[b + 1]
-        assert kmax == max(min(p + 1, seqs[b][0]) for p in positions[lo : lo + n])
+        if slot < 0:
+            assert end == max(min(p + 1, seqs[b][0]) for p in positions[lo : lo + n])
 
 
 def test_small_long_decode_batch_is_split_and_partitions_tile_the_context():
@@ -75,6 +78,35 @@ def test_small_long_decode_batch_is_split_and_partitions_tile_the_context():
     assert plan.slots == len(slots) == len(set(slots))
     lengths = plan.decode_items[:, 3] - plan.decode_items[:, 2]
     assert list(lengths) == sorted(lengths, reverse=True), "longest work first"
+
+
+def test_a_short_chunk_over_a_long_history_is_split_and_merged_per_row():
+    """32 new tokens after 4096 cached: 4 tiles x 3 KV heads would fill 12 of 132 SMs."""
+    seqs = [(4128, list(range(4096, 4128))), (1, [0])]
+    plan, _, _ = _plan(seqs, sms=132)
+    decode_slots = int(plan.merges[plan.merges[:, 0] == 32][:, 2].sum())  # the decode row's
+    tiles = plan.prefill_tiles
+    assert len(tiles) > 4 * 8 and (tiles[:, 5] >= 0).all()
+    written: dict[tuple[int, int], tuple[int, int]] = {}  # (row, slot) -> key range
+    for _, lo, n, k0, k1, first, stride in tiles:
+        assert k0 % 16 == 0 and k0 < k1 <= 4128
+        for i in range(n):
+            assert (lo + i, first + i * stride) not in written
+            written[(lo + i, first + i * stride)] = (k0, k1)
+    for row in range(32):
+        (entry,) = [m for m in plan.merges if m[0] == row]
+        _, first, count = entry
+        ranges = sorted(written[(row, s)] for s in range(first, first + count))
+        assert ranges[0][0] == 0 and ranges[-1][1] >= 4097 + row  # the row's causal limit
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert plan.slots == len(written) + decode_slots
+    lengths = tiles[:, 4] - tiles[:, 3]
+    assert list(lengths) == sorted(lengths, reverse=True), "longest work first"
+
+
+def test_a_prefill_that_fills_the_gpu_is_not_split():
+    plan, _, _ = _plan([(2048, list(range(1024, 2048)))] * 8, sms=132)
+    assert (plan.prefill_tiles[:, 5] == -1).all() and len(plan.merges) == 0
 
 
 def test_large_decode_batch_is_not_split():

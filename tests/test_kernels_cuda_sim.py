@@ -30,6 +30,10 @@ NO_SPLIT = {**SMALL, "sms": 1}  # one SM: rows x heads already fill it, nothing 
 TWO_WARPS = {**SMALL, "decode_threads": 64, "prefill_threads": 64}
 MIXED = [(37, [36]), (9, [2, 8, 5]), (0, []), (30, [0, 1, 2, 26, 27, 28, 29]), (20, [19])]
 DEFAULT_HEADS = {"hq": 9, "hkv": 3, "d": 64}
+# more SMs than tiles x heads: prefill tiles split their keys, rows 0-2 of the recompute chunk
+# get empty partials past their causal limit, and the decode row splits too
+PREFILL_SPLIT = {**SMALL, "sms": 16}
+SPLIT_SEQS = [(60, list(range(52, 60))), (30, [0, 1, 2, 26, 27, 28, 29]), (37, [36])]
 # name -> (dtype, make_paged_case kwargs, LaunchConfig kwargs)
 ATTENTION_CASES = {
     "default_heads_decode_split[bfloat16]": (
@@ -52,6 +56,10 @@ ATTENTION_CASES = {
     ),
     "mixed_head_dim_128[float32]": (  # the long split decode is head_dim_128[bfloat16]'s
         "float32", {"seqs": [(12, [11]), *MIXED[1:3]], "hq": 6, "hkv": 2, "d": 128}, SMALL),
+    "prefill_split[bfloat16]": (
+        "bfloat16", {"seqs": SPLIT_SEQS, **DEFAULT_HEADS}, PREFILL_SPLIT),
+    "prefill_split[float32]": (
+        "float32", {"seqs": SPLIT_SEQS, "hq": 4, "hkv": 2, "d": 16}, PREFILL_SPLIT),
     "group_split[float32]": (
         "float32", {"seqs": [(18, [17]), (7, [1, 6])], "hq": 34, "hkv": 1, "d": 4}, SMALL),
 }  # fmt: skip
