@@ -43,20 +43,49 @@ def use_dispatcher() -> bool:
     return os.environ.get("PENSIEVE_NUMBA_LAUNCH", "0") not in ("", "0")
 
 
+_TORCH_DTYPES = {"int32": torch.int32, "float32": torch.float32}
+_SCALARS = {"int32": ctypes.c_int32, "float32": ctypes.c_float}
+
+
 @functools.cache
 def _direct(dispatcher: Callable, device: int):
-    """(cuda.core kernel, is-array flags) of the dispatcher's one compiled signature on this
-    device, or None where this numba-cuda keeps them elsewhere."""
+    """(cuda.core's launch, its LaunchConfig, the kernel, one packer per argument) for the
+    dispatcher's one compiled signature on this device, or None where this numba-cuda keeps
+    them elsewhere. A packer checks its argument as Numba's dispatcher would (tensor dtype and
+    device, scalar kind) and returns the kernel parameters it becomes."""
     try:
-        from cuda.core import LaunchConfig, launch  # noqa: F401  (numba-cuda's own launcher)
+        from cuda.core import LaunchConfig
+        from cuda.core import launch as core_launch
         from numba.cuda import types
 
         (overload,) = dispatcher.overloads.values()
         kernel = overload._codelibrary.get_cufunc().kernel
-        arrays = tuple(isinstance(t, types.Array) for t in overload.argument_types)
-    except (AttributeError, ImportError, ValueError):
+        packers = []
+        for ty in overload.argument_types:
+            if isinstance(ty, types.Array):
+                if ty.ndim != 1 or not ty.is_c_contig:
+                    return None
+                packers.append(functools.partial(_pack_array, _TORCH_DTYPES[str(ty.dtype)], device))
+            else:
+                packers.append(functools.partial(_pack_scalar, _SCALARS[str(ty)]))
+    except (AttributeError, ImportError, KeyError, ValueError):
         return None
-    return kernel, arrays
+    return core_launch, LaunchConfig, kernel, tuple(packers)
+
+
+def _pack_array(dtype: torch.dtype, device: int, a: torch.Tensor) -> tuple:
+    """Numba's 1-D array ABI: meminfo, parent, size, itemsize, data, shape, stride (bytes)."""
+    if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.device.index != device:
+        where = getattr(a, "device", None)
+        raise TypeError(f"expected a {dtype} tensor on cuda:{device}, got {type(a)} {where}")
+    n, size = a.numel(), a.element_size()
+    return 0, 0, n, size, a.data_ptr(), n, size
+
+
+def _pack_scalar(kind: type, a) -> tuple:
+    if isinstance(a, torch.Tensor):
+        raise TypeError("expected a scalar, got a tensor")
+    return (kind(a.item() if isinstance(a, np.generic) else a),)
 
 
 def launch(
@@ -75,23 +104,8 @@ def launch(
         converted = [cuda.as_cuda_array(a) if isinstance(a, torch.Tensor) else a for a in args]
         dispatcher[grid, block, stream](*converted)
         return
-    from cuda.core import LaunchConfig
-    from cuda.core import launch as core_launch
-
-    kernel, arrays = direct
-    if len(args) != len(arrays):
-        raise TypeError(f"the kernel takes {len(arrays)} arguments, got {len(args)}")
-    params: list = []
-    for is_array, a in zip(arrays, args, strict=True):
-        if is_array:
-            if not isinstance(a, torch.Tensor):
-                raise TypeError(f"a kernel array argument must be a tensor, got {type(a)}")
-            n, size = a.numel(), a.element_size()
-            params += (0, 0, n, size, a.data_ptr(), n, size)
-        elif isinstance(a, np.int32):
-            params.append(ctypes.c_int32(int(a)))
-        elif isinstance(a, np.float32):
-            params.append(ctypes.c_float(float(a)))
-        else:
-            raise TypeError(f"kernel scalars are np.int32 or np.float32, got {type(a)}")
-    core_launch(stream, LaunchConfig(grid=grid, block=block), kernel, *params)
+    core_launch, launch_config, kernel, packers = direct
+    if len(args) != len(packers):
+        raise TypeError(f"the kernel takes {len(packers)} arguments, got {len(args)}")
+    params = [p for pack, a in zip(packers, args, strict=True) for p in pack(a)]
+    core_launch(stream, launch_config(grid=grid, block=block), kernel, *params)

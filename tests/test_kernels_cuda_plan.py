@@ -37,7 +37,7 @@ def _plan(seqs, *, hkv=3, group=3, sms=132, config=CFG, fmt="bfloat16", head_dim
 
 
 def _covered_rows(plan) -> list[int]:
-    """Query rows written: unsplit decode items, merged rows, and prefill tile rows."""
+    """Query rows written: unsplit decode items, merged rows, and unsplit prefill tile rows."""
     rows = [int(t) for t, _, _, _, slot in plan.decode_items if slot < 0]
     rows += [int(t) for t, _, _ in plan.merges]
     rows += [
@@ -46,18 +46,55 @@ def _covered_rows(plan) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("seed", range(20))
+def _random_chunks(rng: random.Random) -> list[tuple[int, list[int]]]:
+    """Prompt chunks of 2-40 tokens after 0-3000 cached ones, with a few decode rows."""
+    seqs = []
+    for _ in range(rng.randint(1, 6)):
+        past, new = rng.randint(0, 3000), rng.randint(1, 40)
+        seqs.append((past + new, list(range(past, past + new))))
+    return seqs
+
+
+@pytest.mark.parametrize("seed", range(40))
 def test_every_query_row_is_served_exactly_once(seed):
     rng = random.Random(seed)
-    seqs = random_seqs(rng, rng.randint(1, 12), max_ctx=rng.choice([40, 3000]))
-    seqs = [(max(ctx, 1), pos) for ctx, pos in seqs]
-    plan, starts, positions = _plan(seqs, sms=rng.choice([1, 8, 132]))
+    if seed % 2:
+        seqs = random_seqs(rng, rng.randint(1, 12), max_ctx=rng.choice([40, 3000]))
+        seqs = [(max(ctx, 1), pos) for ctx, pos in seqs]
+    else:
+        seqs = _random_chunks(rng)
+    config = LaunchConfig(split_min_keys=rng.choice([16, 256]))
+    plan, starts, positions = _plan(seqs, sms=rng.choice([1, 8, 132]), config=config)
+    _check_plan(plan, seqs, starts, positions)
+
+
+def _check_plan(plan, seqs, starts, positions) -> None:
+    """Every row written once, directly or by one merge of partials that tile its keys."""
     assert sorted(_covered_rows(plan)) == list(range(len(positions)))
     geo = prefill_geometry("bfloat16", 64, 3, CFG.prefill_threads)
-    for b, lo, n, _, end, slot, _ in plan.prefill_tiles:
+    limits = [min(p + 1, seqs[b][0]) for b in range(len(seqs)) for p in seqs[b][1]]
+    written: dict[int, tuple[int, int, int]] = {}  # slot -> (row, first key, end key)
+    for b, lo, n, k0, end, first, stride in plan.prefill_tiles:
         assert 1 <= n <= geo.queries and starts[b] <= lo and lo + n <= starts[b + 1]
-        if slot < 0:
-            assert end == max(min(p + 1, seqs[b][0]) for p in positions[lo : lo + n])
+        tile_end = max(limits[lo : lo + n])
+        if first < 0:
+            assert (k0, end) == (0, tile_end)
+        for i in range(n if first >= 0 else 0):
+            slot = first + i * stride
+            assert slot not in written and 0 <= slot < plan.slots
+            written[slot] = (lo + i, k0, end)
+    for t, _, _, k1, slot in plan.decode_items:
+        if slot >= 0:
+            assert slot not in written and 0 <= slot < plan.slots
+            written[slot] = (t, 0, k1)  # its first key is checked by the decode test below
+    for row, first, count in plan.merges:
+        parts = [written.pop(s) for s in range(first, first + count)]
+        assert all(r == row for r, _, _ in parts)
+        if any(k0 > 0 for _, k0, _ in parts):  # prefill partitions tile [0, end) in order
+            spans = sorted((k0, k1) for _, k0, k1 in parts)
+            assert spans[0][0] == 0 and spans[-1][1] >= limits[row]
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert not written, "every partial is merged"
 
 
 def test_small_long_decode_batch_is_split_and_partitions_tile_the_context():

@@ -69,7 +69,7 @@ WRITE_CASES = [
     for slot in ("int32", "int64")
     for path in ("vector", "word")
 ]
-OTHER_SIM = ["backend_step[bfloat16]", "head_dim_limit"]
+OTHER_SIM = ["backend_step[bfloat16]", "head_dim_limit", "direct_launch_packing"]
 TOL = {"float32": 2e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
 INSPECT_DTYPES = ("float32", "float16", "bfloat16")
 KERNELS = ("decode", "merge", "prefill", "write_kv")
@@ -149,6 +149,35 @@ def _backend_case() -> dict:
     return {"ok": err <= TOL["bfloat16"] and same_pool and len(steps) == 1, "err": err}
 
 
+def _packing_case() -> dict:
+    """The direct launcher's parameters (`kernels.cuda_launch`): Numba's 1-D array ABI, and the
+    refusals Numba's dispatcher would raise (a GPU launch itself is gpu_check's)."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    from pensieve.kernels.cuda_launch import _pack_array, _pack_scalar
+
+    t = torch.arange(10, dtype=torch.int32)[3:]  # a view: the data pointer includes its offset
+    packed = _pack_array(torch.int32, None, t)
+    ok = packed == (0, 0, 7, 4, t.untyped_storage().data_ptr() + 12, 7, 4)
+    ok &= _pack_scalar(ctypes.c_float, np.float32(0.5))[0].value == 0.5
+    ok &= _pack_scalar(ctypes.c_int32, np.int32(-3))[0].value == -3
+    refused = 0
+    for pack, arg in [
+        (lambda a: _pack_array(torch.float32, None, a), t),  # wrong dtype
+        (lambda a: _pack_array(torch.int32, 0, a), t),  # wrong device
+        (lambda a: _pack_array(torch.int32, None, a), np.int32(1)),  # a scalar for an array
+        (lambda a: _pack_scalar(ctypes.c_int32, a), t),  # a tensor for a scalar
+    ]:
+        try:
+            pack(arg)
+        except TypeError:
+            refused += 1
+    return {"ok": bool(ok) and refused == 4, "err": f"packed {packed}, refused {refused}/4"}
+
+
 def _sim_worker() -> dict:
     """Run every simulator case; report max error against the reference and seconds per case."""
     sys.setswitchinterval(1e-3)  # simulated threads hand over the GIL faster
@@ -164,6 +193,7 @@ def _sim_worker() -> dict:
         report[name] = _write_case(*name[len("write_kv[") : -1].split(","))
     t0 = time.perf_counter()
     report["backend_step[bfloat16]"] = {**_backend_case(), "s": time.perf_counter() - t0}
+    report["direct_launch_packing"] = _packing_case()
     import torch
 
     from pensieve.kernels.cuda_attention import paged_attention_cuda
