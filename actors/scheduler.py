@@ -293,8 +293,8 @@ class Scheduler(Questions, DiskTier, Actor):
         reserve = self.reserve_blocks if self.running else 0
         if not await self._make_room(need + reserve):
             cache.suspend(cid)
-            if self.running or rows:
-                return 0
+            if self.running or rows or cache.copies_in_flight():
+                return 0  # retried after the next step, or once a copy's reply comes in
             raise CacheTooSmall(TOO_SMALL)
         adm = cache.admit(cid, target)
         seq.pending = adm.pending
@@ -325,7 +325,8 @@ class Scheduler(Questions, DiskTier, Actor):
                     return False
 
     async def _make_room(self, n: int) -> bool:
-        """Free device blocks until n are free: lazy reclaim, then evict idle conversations."""
+        """Free device blocks until n are free: lazy reclaim, then evict idle conversations
+        (to the host, else to their disk files, else dropped)."""
         cache = self.cache
         if cache.device.num_free >= n:
             return True
@@ -336,6 +337,9 @@ class Scheduler(Questions, DiskTier, Actor):
             if copies:
                 await self._settle("out", copies, self._swap("out", copies))
                 cache.reclaim(len(copies))
+            short = n - cache.device.num_free
+        if short > 0:  # no host room: chunks already on disk leave the device before any drop
+            cache.reclaim_to_disk(short)
             short = n - cache.device.num_free
         if short > 0:
             cache.drop_leading(short)

@@ -25,7 +25,7 @@ from pensieve.prefix_index import PrefixIndex, common_prefix
 
 # the ways a chunk leaves a tier: a disk copy deleted, a host copy freed (it has a disk copy) or
 # dropped, a device block freed (it has a host copy), copied out, or dropped
-KINDS = ("disk_drop", "host_reclaim", "host_drop", "reclaim", "swap", "drop")
+KINDS = ("disk_drop", "host_reclaim", "host_drop", "reclaim", "swap", "disk_reclaim", "drop")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -334,6 +334,7 @@ class TieredCache:
             "host_drop": (d, no_file - d),
             "reclaim": (h, c - h),
             "swap": (i, run(i, device_only) - i),
+            "disk_reclaim": (i, run(i, lambda ch: device_only(ch) and ch.disk is not None) - i),
             "drop": (d, run(d, device_only) - d),
         }
 
@@ -354,13 +355,27 @@ class TieredCache:
         picks = self.evictable[kind].lowest(n, self.clock())
         return [(self.conversations[cid], chunk) for cid, chunk in picks]
 
+    def copies_in_flight(self) -> bool:
+        """Device blocks that a copy still reads or writes (a disk write, a restore): room that
+        cannot be made now may exist once it ends."""
+        return bool(self._busy["device"])
+
     def reclaimable(self) -> int:
         """Device blocks that also have a host copy (freed lazily, only when needed)."""
         return self.evictable["reclaim"].total
 
     def reclaim(self, n: int) -> int:
         """Free up to n device blocks whose chunks already have a host copy, lowest value first."""
-        picks = self._pick("reclaim", n)
+        return self._leave_device("reclaim", n)
+
+    def reclaim_to_disk(self, n: int) -> int:
+        """Free up to n device blocks whose chunks are on disk (no host copy), lowest value
+        first: they stay disk-only and are read back when their conversation returns, where a
+        drop would throw the file away and recompute them."""
+        return self._leave_device("disk_reclaim", n)
+
+    def _leave_device(self, kind: str, n: int) -> int:
+        picks = self._pick(kind, n)
         for conv, i in picks:
             ch = conv.chunks[i]
             self._free_block("device", ch.device)  # type: ignore[arg-type]

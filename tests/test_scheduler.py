@@ -318,3 +318,22 @@ async def test_shutdown_does_not_wait_forever_for_an_unanswered_disk_order(monke
         reply = asyncio.get_running_loop().create_future()
         h.scheduler.send(Shutdown(reply=reply))
         await asyncio.wait_for(reply, 5)
+
+
+async def test_admission_waits_for_a_copy_in_flight_instead_of_refusing() -> None:
+    """Room that a copy still holds (here: x's blocks, being written to disk) is freed when the
+    copy ends; a turn that needs it waits for that instead of failing as "too large"."""
+    async with Harness(device_cache_tokens=32, host_cache_tokens=0, max_batch_tokens=32) as h:
+        await h.wait(h.submit("x", list(range(1, 21)), max_tokens=1))
+        held = {ch.device for ch in h.conv("x").chunks if ch.device is not None}
+        h.cache._busy["device"].update(held)  # as `plan_persist` marks a disk write's source
+        y = h.submit("y", list(range(40, 64)), max_tokens=1)  # 6 blocks; 3 are free
+        await asyncio.sleep(0.05)
+        assert not h.sink.done(y).is_set(), "refused or served while the room was held"
+        for block in held:  # the copy ends (`persist_done`), and its reply wakes the scheduler
+            h.cache._unbusy("device", block)
+        h.cache._free_deferred()
+        h.scheduler.send(Cancel(10_000))
+        await h.wait(y)
+        assert h.finish(y).finish_reason == "length"
+        h.cache.check()
