@@ -5,7 +5,8 @@ wins for decode and short query ranges (<= 8 rows per sequence: 1.3-3.8x faster)
 SDPA runs its GEMMs 2-3x faster than a Numba loop nest can, which outweighs copying the context
 out of the pool once a sequence has 16 or more queries (prefill: 1.3-2.3x faster). So
 `paged_attention_cpu` hands such sequences here; the copy is one `index_select` of whole blocks
-per sequence, into a buffer that is reused from call to call.
+per sequence, into a buffer that is reused from call to call. Where `cpu_bf16`'s tile runs
+(bfloat16 pool, AVX512-BF16) it is faster than this path at every length: "auto" sends none here.
 """
 
 from __future__ import annotations

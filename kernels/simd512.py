@@ -1,0 +1,356 @@
+"""Sixteen float32 lanes and AVX512-BF16 dot products as Numba values (see `simd` for why
+accumulators are SSA vectors rather than array elements).
+
+`f32x16` is `<16 x float>` in LLVM IR: one zmm register on AVX-512. `vdot_bf16` is
+`vdpbf16ps`: 32 bfloat16 pairs multiplied exactly and added into 16 float32 lanes (lane i
+gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1]), the instruction that lets a bfloat16 pool be read
+without widening it first. Only CPUs with the `avx512_bf16` flag have it (`has_avx512_bf16`):
+code using it must be compiled only there, or LLVM cannot select the instruction.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from .simd import _element_pointer, _mask, _pair_sum
+
+LANES = 16
+_V16 = ir.VectorType(ir.FloatType(), LANES)
+_I32 = ir.IntType(32)
+
+
+class _BFloat(ir.Type):
+    """LLVM's `bfloat`, which llvmlite's IR builder does not name."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash(_BFloat)
+
+
+_BF16X32 = ir.VectorType(_BFloat(), 2 * LANES)
+
+
+class F32x16(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16)
+
+
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has `vdpbf16ps` (the `avx512_bf16` flag in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def _load(builder, context, sig, args, vector: ir.VectorType, align: int):
+    ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+    return builder.load(builder.bitcast(ptr, vector.as_pointer()), align=align)
+
+
+@intrinsic
+def v16load(typingctx, arr, flat):
+    """Elements flat..flat+15 of a C-contiguous float32 array."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _load(builder, context, sig, args, _V16, 4)
+
+    return f32x16(arr, types.intp), codegen
+
+
+@intrinsic
+def v16load_bf16(typingctx, arr, flat):
+    """Elements flat..flat+15 of a uint16 array of bfloat16 bits, widened exactly (the bits
+    are a float32's high half)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = _load(builder, context, sig, args, ir.VectorType(ir.IntType(16), LANES), 2)
+        wide = builder.zext(bits, ir.VectorType(_I32, LANES))
+        return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [_I32(16)] * LANES)), _V16)
+
+    return f32x16(arr, types.intp), codegen
+
+
+@intrinsic
+def v16store(typingctx, arr, flat, v):
+    """arr[flat:flat+16] = v for a float32 array."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and v == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp, f32x16), codegen
+
+
+@intrinsic
+def v16splat(typingctx, x):
+    """x in all sixteen lanes."""
+
+    def codegen(context, builder, sig, args):
+        x = context.cast(builder, args[0], sig.args[0], types.float32)
+        one = builder.insert_element(ir.Constant(_V16, ir.Undefined), x, _I32(0))
+        return builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined), _mask([0] * LANES))
+
+    return f32x16(x), codegen
+
+
+@intrinsic
+def v16zero(typingctx):
+    """Sixteen zeros."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16, [ir.Constant(ir.FloatType(), 0.0)] * LANES)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def v16fma(typingctx, a, b, c):
+    """a * b + c with one rounding per lane (llvm.fma)."""
+    if not (a == b == c == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_V16, [_V16, _V16, _V16])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+        return builder.call(fn, list(args))
+
+    return f32x16(f32x16, f32x16, f32x16), codegen
+
+
+@intrinsic
+def v16mul(typingctx, a, b):
+    """a * b lane by lane."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def vdot_bf16(typingctx, acc, a, fa, b, fb):
+    """acc + the pairwise products of a[fa:fa+32] and b[fb:fb+32] (uint16 arrays of bfloat16
+    bits): lane i gains a[2i] * b[2i] + a[2i+1] * b[2i+1] (`vdpbf16ps`: products exact, the
+    sums rounded to float32, denormal inputs read as zero)."""
+    arrays = (a, b)
+    if not (acc == f32x16 and all(isinstance(x, types.Array) for x in arrays)):
+        return None
+    if not all(x.dtype == types.uint16 for x in arrays):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = ir.VectorType(ir.IntType(16), 2 * LANES)
+        ops = []
+        for arr_index, flat_index in ((1, 2), (3, 4)):
+            ptr = _element_pointer(
+                context, builder, sig.args[arr_index], args[arr_index], args[flat_index]
+            )
+            loaded = builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2)
+            ops.append(builder.bitcast(loaded, _BF16X32))
+        fnty = ir.FunctionType(_V16, [_V16, _BF16X32, _BF16X32])
+        fn = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
+        )
+        return builder.call(fn, [args[0], *ops])
+
+    return f32x16(f32x16, a, types.intp, b, types.intp), codegen
+
+
+@intrinsic
+def vsum16x16(typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15):
+    """The lane sums of sixteen vectors as one: lane k = the sum of t_k's lanes, added in a
+    transpose-and-add tree whose order is the same for every k (as `simd.vsum8x8`)."""
+    vectors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+    if not all(v == f32x16 for v in vectors):
+        return None
+
+    def codegen(context, builder, sig, args):
+        parts, width = list(args), 1
+        while len(parts) > 1:
+            # pairs (a, b): blocks 2j of a then b, plus blocks 2j + 1 of a then b
+            low, high = [], []
+            for j in range(0, LANES, 2 * width):
+                for base in (0, LANES):
+                    low += range(base + j, base + j + width)
+                    high += range(base + j + width, base + j + 2 * width)
+            parts = [
+                _pair_sum(builder, parts[2 * k], parts[2 * k + 1], low, high)
+                for k in range(len(parts) // 2)
+            ]
+            width *= 2
+        return parts[0]
+
+    return f32x16(*vectors), codegen
+
+
+@intrinsic
+def v16sub(typingctx, a, b):
+    """a - b lane by lane."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def v16first(typingctx, v, n, fill):
+    """v in lanes 0..n-1, `fill` in the others (a key tile's last, partial group of keys)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        n = context.cast(builder, args[1], sig.args[1], types.int32)
+        lanes = ir.Constant(ir.VectorType(_I32, LANES), [_I32(i) for i in range(LANES)])
+        nv = builder.shuffle_vector(
+            builder.insert_element(
+                ir.Constant(ir.VectorType(_I32, LANES), ir.Undefined), n, _I32(0)
+            ),
+            ir.Constant(ir.VectorType(_I32, LANES), ir.Undefined),
+            _mask([0] * LANES),
+        )
+        fill = context.cast(builder, args[2], sig.args[2], types.float32)
+        fills = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(_V16, ir.Undefined), fill, _I32(0)),
+            ir.Constant(_V16, ir.Undefined),
+            _mask([0] * LANES),
+        )
+        return builder.select(builder.icmp_signed("<", lanes, nv), args[0], fills)
+
+    return f32x16(f32x16, n, fill), codegen
+
+
+def _halving(builder, v, combine):
+    """v's lanes combined by halves (8 + 8, 4 + 4, ...) down to lane 0: a fixed tree."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        upper = builder.shuffle_vector(
+            v,
+            ir.Constant(_V16, ir.Undefined),
+            _mask(list(range(width, 2 * width)) + [0] * (LANES - width)),
+        )
+        v = combine(builder, v, upper)
+    return builder.extract_element(v, _I32(0))
+
+
+def _maxnum(builder, a, b):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16]), "llvm.maxnum.v16f32"
+    )
+    return builder.call(fn, [a, b])
+
+
+@intrinsic
+def v16hmax(typingctx, v):
+    """The largest lane of v."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _halving(builder, args[0], _maxnum)
+
+    return types.float32(f32x16), codegen
+
+
+@intrinsic
+def v16hsum(typingctx, v):
+    """The sum of v's lanes, added by halves (the same order every time)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _halving(builder, args[0], lambda b, x, y: b.fadd(x, y))
+
+    return types.float32(f32x16), codegen
+
+
+# exp2's polynomial on [-0.5, 0.5] (`cpu_tiles._exp2`, the same coefficients, relative error 3e-7)
+_EXP2_POLY = (0.00134004, 0.00967604, 0.05550327, 0.24022107, 0.69314721, 1.00000008)
+
+
+@intrinsic
+def v16exp2(typingctx, x):
+    """2**x lane by lane for x <= 0 (clamped to [-126, 0]): exponent bits times a degree-5
+    polynomial of the fraction, as `cpu_tiles._exp2` computes it for one float."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def splat(value: float):
+            return ir.Constant(_V16, [ir.Constant(ir.FloatType(), value)] * LANES)
+
+        def call(name: str, *operands):
+            fnty = ir.FunctionType(_V16, [_V16] * len(operands))
+            return builder.call(
+                cgutils.get_or_insert_function(builder.module, fnty, name), operands
+            )
+
+        x = call(
+            "llvm.minnum.v16f32", call("llvm.maxnum.v16f32", args[0], splat(-126.0)), splat(0.0)
+        )
+        n = call("llvm.floor.v16f32", builder.fadd(x, splat(0.5)))
+        f = builder.fsub(x, n)
+        p = splat(_EXP2_POLY[0])
+        for coefficient in _EXP2_POLY[1:]:
+            p = call("llvm.fma.v16f32", p, f, splat(coefficient))
+        ints = ir.VectorType(_I32, LANES)
+        exponent = builder.add(builder.fptosi(n, ints), ir.Constant(ints, [_I32(127)] * LANES))
+        scale = builder.bitcast(builder.shl(exponent, ir.Constant(ints, [_I32(23)] * LANES)), _V16)
+        return builder.fmul(p, scale)
+
+    return f32x16(f32x16), codegen
+
+
+@intrinsic
+def v16max(typingctx, a, b):
+    """The larger of a and b lane by lane (llvm.maxnum)."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _maxnum(builder, args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen
+
+
+@intrinsic
+def v16add(typingctx, a, b):
+    """a + b lane by lane."""
+    if not (a == b == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x16(f32x16, f32x16), codegen

@@ -1,0 +1,176 @@
+"""The AVX512-BF16 CPU attention tile and its 16-lane helpers (kernels/simd512.py,
+kernels/cpu_bf16.py): exact bfloat16 dot products, documented reduction orders, exp2's error,
+one result whatever the work split or the batch, and the reference's values. Only on CPUs with
+`avx512_bf16` (elsewhere the kernel is never compiled and `cpu_tiles` runs)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+from pensieve.kernels import cpu_attention
+from pensieve.kernels.reference import paged_attention_reference
+from pensieve.kernels.simd512 import (
+    has_avx512_bf16,
+    v16exp2,
+    v16first,
+    v16hmax,
+    v16hsum,
+    v16load,
+    v16store,
+    v16zero,
+    vdot_bf16,
+    vsum16x16,
+)
+from pensieve.kernels.testing import make_paged_case
+
+pytestmark = pytest.mark.skipif(not has_avx512_bf16(), reason="this CPU has no AVX512-BF16")
+
+
+@njit
+def _dot(a, b, out):
+    v16store(out, 0, vdot_bf16(v16zero(), a, 0, b, 0))
+
+
+@njit
+def _sum_rows(x, out):
+    v16store(
+        out, 0,
+        vsum16x16(v16load(x, 0), v16load(x, 16), v16load(x, 32), v16load(x, 48),
+                  v16load(x, 64), v16load(x, 80), v16load(x, 96), v16load(x, 112),
+                  v16load(x, 128), v16load(x, 144), v16load(x, 160), v16load(x, 176),
+                  v16load(x, 192), v16load(x, 208), v16load(x, 224), v16load(x, 240)),
+    )  # fmt: skip
+
+
+@njit
+def _exp2(x, out):
+    for i in range(0, x.size, 16):
+        v16store(out, i, v16exp2(v16load(x, i)))
+
+
+@njit
+def _first_max_sum(x, n):
+    v = v16first(v16load(x, 0), n, np.float32(-1e30))
+    return v16hmax(v), v16hsum(v16first(v16load(x, 0), n, np.float32(0.0)))
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint16).numpy()
+
+
+def test_vdot_bf16_adds_exact_pair_products():
+    # small integers: every product and sum is exact, so any other pairing would show
+    a = torch.arange(-16, 16, dtype=torch.bfloat16)
+    b = torch.arange(32, 0, -1, dtype=torch.bfloat16)
+    out = np.empty(16, np.float32)
+    _dot(_bits(a), _bits(b), out)
+    expected = (a.double() * b.double()).view(16, 2).sum(1)
+    assert np.array_equal(out, expected.numpy().astype(np.float32))
+
+
+def test_vsum16x16_adds_each_vector_in_a_halving_tree():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 16)) * 1e4).astype(np.float32)
+    out = np.empty(16, np.float32)
+    _sum_rows(x.reshape(-1), out)
+    for k in range(16):  # lanes paired (0, 1), (2, 3), ... then pairs of pairs
+        level = list(x[k])
+        while len(level) > 1:
+            level = [np.float32(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
+        assert out[k] == level[0]
+
+
+def test_v16exp2_relative_error():
+    x = np.linspace(-125.9, 0.0, 16 * 4096).astype(np.float32)
+    out = np.empty_like(x)
+    _exp2(x, out)
+    assert np.max(np.abs(out / np.exp2(x.astype(np.float64)) - 1)) < 1e-6
+    under = np.full(16, -1e30, np.float32)  # clamped: tiny, never inf or nan
+    _exp2(under, out[:16])
+    assert np.all(out[:16] >= 0) and np.all(out[:16] < 1e-37)
+
+
+@pytest.mark.parametrize("n", [-3, 0, 1, 7, 16, 40])
+def test_v16first_keeps_the_first_n_lanes(n):
+    x = np.arange(16, dtype=np.float32)
+    top, total = _first_max_sum(x, n)
+    kept = x[: max(0, min(n, 16))]
+    assert top == (kept.max() if kept.size else np.float32(-1e30))
+    assert total == kept.sum()
+
+
+def _run(case, heads: int) -> torch.Tensor:
+    """The kernel with work items of `heads` KV heads each and query tiles of 5."""
+    pc = case
+    out = torch.empty(pc.q.shape, dtype=torch.float32)
+    arrays = tuple(
+        t.to(torch.int32).contiguous().numpy()
+        for t in (pc.block_tables, pc.query_start, pc.query_positions, pc.context_lens)
+    )
+    skip = np.zeros(pc.block_tables.shape[0], np.uint8)
+    scale = np.float32(cpu_attention._LOG2E / math.sqrt(pc.q.shape[-1]))
+    kernel = cpu_attention.bf16_dot_kernel(pc.q, pc.k_cache)
+    assert kernel is not None
+    k, v = (_bits(c) for c in (pc.k_cache, pc.v_cache))
+    kernel(_bits(pc.q), k, v, *arrays, scale, 5, heads, skip, out.numpy())
+    return out
+
+
+SEQS = [(70, [69]), (45, list(range(33, 45))), (9, list(range(9))), (130, [129]), (200, [5])]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32, 48])
+@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (8, 1)])
+def test_work_split_does_not_change_a_bit(d, block_size, heads):
+    """Items of one KV head or of all give the same bits; both match the reference (pools
+    poisoned with NaN wherever no sequence owns a slot)."""
+    hq, hkv = heads
+    case = make_paged_case(
+        SEQS, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=torch.bfloat16, seed=d
+    )
+    one, every = _run(case, 1), _run(case, hkv)
+    assert torch.equal(one, every)
+    assert not every.isnan().any()
+    expected = paged_attention_reference(*case.args())
+    torch.testing.assert_close(every.to(torch.bfloat16), expected, atol=1e-2, rtol=1.6e-2)
+
+
+def test_a_row_has_the_same_bits_alone_and_in_a_batch():
+    """What `--deterministic` relies on: a decode row's output does not depend on its
+    neighbours (the batch's rows are the same sequence's last position, alone or among
+    others)."""
+    seqs = [(300, [299]), (77, [76]), (513, [512]), (16, list(range(16)))]
+    batch = make_paged_case(seqs, dtype=torch.bfloat16, seed=3)
+    together = _run(batch, 3)
+    rows = batch.query_start.tolist()
+    for b, (ctx, _) in enumerate(seqs):
+        alone = make_paged_case([seqs[b]], dtype=torch.bfloat16, seed=3)
+        # the same K, V and queries as in the batch, in a pool of its own
+        table = batch.block_tables[b, : -(-ctx // 16)].long()
+        alone.k_cache[: table.numel()] = batch.k_cache[table]
+        alone.v_cache[: table.numel()] = batch.v_cache[table]
+        alone.q.copy_(batch.q[rows[b] : rows[b + 1]])
+        alone.block_tables[0, : table.numel()] = torch.arange(table.numel(), dtype=torch.int32)
+        assert torch.equal(_run(alone, 1), together[rows[b] : rows[b + 1]])
+
+
+def test_auto_sends_every_sequence_to_the_bf16_kernel():
+    """Where the kernel runs it beats gather + SDPA at every query count measured, so "auto"
+    hands it prefill sequences too; float32 keeps the split."""
+    seqs = [(40, list(range(40))), (60, [59])]
+    for dtype, sdpa_rows in ((torch.bfloat16, 0), (torch.float32, 1)):
+        case = make_paged_case(seqs, dtype=dtype, seed=1)
+        step = cpu_attention.CpuStep(
+            case.block_tables, case.query_start, case.query_positions, case.context_lens
+        )
+        out = step.attention(case.q, case.k_cache, case.v_cache, case.scale)
+        assert int(step.skip.sum()) == sdpa_rows
+        expected = paged_attention_reference(*case.args())
+        tol = {"atol": 1e-2, "rtol": 1.6e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(out, expected, **tol)
