@@ -325,11 +325,20 @@ class Scheduler(Questions, DiskTier, Actor):
                     return False
 
     async def _make_room(self, n: int) -> bool:
-        """Free device blocks until n are free: lazy reclaim, then evict idle conversations
-        (to the host, else to their disk files, else dropped)."""
+        """Free device blocks until n are free, in rounds while a round frees any: a drop of a
+        leading device-only chunk can make the host-backed chunks behind it reclaimable."""
         cache = self.cache
-        if cache.device.num_free >= n:
-            return True
+        while cache.device.num_free < n:
+            before = cache.device.num_free
+            await self._free_blocks(n)
+            if cache.device.num_free == before:
+                return False
+        return True
+
+    async def _free_blocks(self, n: int) -> None:
+        """One round: lazy reclaim, then evict idle conversations (to the host, else to their
+        disk files, else dropped)."""
+        cache = self.cache
         cache.reclaim(n - cache.device.num_free)
         short = n - cache.device.num_free
         if short > 0 and cache.host is not None:
@@ -343,7 +352,6 @@ class Scheduler(Questions, DiskTier, Actor):
             short = n - cache.device.num_free
         if short > 0:
             cache.drop_leading(short)
-        return cache.device.num_free >= n
 
     def _swap_out_ahead(self) -> tuple[list[tuple[int, int]], asyncio.Future] | None:
         """Below the threshold, start copying low-value chunks to the host ahead of time.

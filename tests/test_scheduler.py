@@ -337,3 +337,22 @@ async def test_admission_waits_for_a_copy_in_flight_instead_of_refusing() -> Non
         await h.wait(y)
         assert h.finish(y).finish_reason == "length"
         h.cache.check()
+
+
+async def test_room_made_in_rounds_when_a_drop_uncovers_host_copies() -> None:
+    """x = [device only | device + host x4], host full: nothing is reclaimable until the leading
+    chunk is dropped, and then its four host-backed chunks are. A turn needing them is served,
+    not refused as too large (1 in ~10 invariant runs under load hit this)."""
+    async with Harness(device_cache_tokens=32, host_cache_tokens=16, max_batch_tokens=32) as h:
+        await h.wait(h.submit("x", list(range(1, 20)), max_tokens=1))
+        x = h.conv("x")
+        assert h.cache.host is not None and len(x.chunks) == 5
+        for ch in x.chunks[1:]:  # as a restore leaves them, behind a recomputed leading chunk
+            ch.host = h.cache.host.allocate(1)[0]
+        h.cache._reindex(x)
+        assert h.cache.host.num_free == 0 and h.cache.reclaimable() == 0
+        y = h.submit("y", list(range(40, 64)), max_tokens=1)  # 6 blocks; 3 are free
+        await h.wait(y)
+        assert h.finish(y).finish_reason == "length", h.finish(y).error
+        assert x.dropped == 1 and any(ch.device is None and ch.host is not None for ch in x.chunks)
+        h.cache.check()
