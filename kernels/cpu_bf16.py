@@ -122,37 +122,24 @@ def _widen_tile(vc, table, start, n, block_size, ks, h, vs, d):
 
 @njit(inline="always", **_FAST)
 def _pv64(acc, ab, alpha, s, vs, vb, d, nv):
-    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[j] * vs[j, vb:vb+64]: even keys into
-    four registers, odd keys into four more, added at the end. With one set of four, each FMA
-    waited for the previous one on its register (latency-bound, half the FMA rate)."""
+    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[j] * vs[j, vb:vb+64], the panel in
+    four registers throughout."""
     av = v16splat(alpha)
     a0 = v16mul(v16load(acc, ab), av)
     a1 = v16mul(v16load(acc, ab + 16), av)
     a2 = v16mul(v16load(acc, ab + 32), av)
     a3 = v16mul(v16load(acc, ab + 48), av)
-    b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
-    for j in range(0, nv - 1, 2):
-        p, p_next = v16splat(s[j]), v16splat(s[j + 1])
+    for j in range(nv):
+        p = v16splat(s[j])
         row = j * d + vb
         a0 = v16fma(p, v16load(vs, row), a0)
         a1 = v16fma(p, v16load(vs, row + 16), a1)
         a2 = v16fma(p, v16load(vs, row + 32), a2)
         a3 = v16fma(p, v16load(vs, row + 48), a3)
-        b0 = v16fma(p_next, v16load(vs, row + d), b0)
-        b1 = v16fma(p_next, v16load(vs, row + d + 16), b1)
-        b2 = v16fma(p_next, v16load(vs, row + d + 32), b2)
-        b3 = v16fma(p_next, v16load(vs, row + d + 48), b3)
-    if nv % 2:
-        p = v16splat(s[nv - 1])
-        row = (nv - 1) * d + vb
-        a0 = v16fma(p, v16load(vs, row), a0)
-        a1 = v16fma(p, v16load(vs, row + 16), a1)
-        a2 = v16fma(p, v16load(vs, row + 32), a2)
-        a3 = v16fma(p, v16load(vs, row + 48), a3)
-    v16store(acc, ab, v16add(a0, b0))
-    v16store(acc, ab + 16, v16add(a1, b1))
-    v16store(acc, ab + 32, v16add(a2, b2))
-    v16store(acc, ab + 48, v16add(a3, b3))
+    v16store(acc, ab, a0)
+    v16store(acc, ab + 16, a1)
+    v16store(acc, ab + 32, a2)
+    v16store(acc, ab + 48, a3)
 
 
 @njit(inline="always", **_FAST)
