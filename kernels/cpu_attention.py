@@ -21,7 +21,8 @@ The attention kernel reads the paged pool in place (no gather copy). Why it is s
 - the head dim is a literal for 64 and 128: LLVM unrolls the K and V loops with no remainder
   or trip-count checks (1.2-1.6x faster on an AVX2 CPU than a head dim read at run time);
 - the next block's rows are prefetched while this one is computed: the blocks of a sequence
-  lie anywhere in the pool, where the hardware prefetcher cannot follow;
+  lie anywhere in the pool, where the hardware prefetcher cannot follow (`cpu_bf16` spreads
+  these prefetches one row at a time, which measured faster there);
 - bfloat16 and float16 pools are read as their bits and widened to float32 in registers
   (a float32 scratch copy per key tile cost more than the dot products); the bits come in
   an integer type per format (`_POOL_VIEW`), so no load tests the format at run time.

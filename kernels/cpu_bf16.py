@@ -10,7 +10,9 @@ for what this instruction set offers:
   which every query row of that head (the GQA group, every query of a prefill tile) reads from
   L1: each V element is widened once per head, not once per row;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
-- everything else as in `cpu_tiles` (items over the cores, prefetch of the next block).
+- the next key tile prefetched one row at a time while this tile's V is widened, not in one
+  burst per block as in `cpu_tiles` (measured faster from DRAM);
+- everything else as in `cpu_tiles` (items over the cores).
 A row's sums run in one order wherever the row sits in the batch, as there (`deterministic`).
 Compiled only where the CPU has `avx512_bf16` (`simd512.has_avx512_bf16`); elsewhere
 `cpu_attention` keeps `cpu_tiles`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu_tiles import _NEG, _exp2, _prefetch_block
+from .cpu_tiles import _NEG, _exp2, _prefetch
 from .simd512 import (
     v16add,
     v16exp2,
@@ -89,9 +91,9 @@ def _scores_at(q, qb, kc, table, key, block_size, ks, h, d, c, n):
 
 
 @njit(inline="always", **_FAST)
-def _softmax64(s0, s1, s2, s3, n, r, m, den, s):
+def _softmax64(s0, s1, s2, s3, n, r, m, den, s, so):
     """Online softmax over one tile of 64 keys of row r (scores in four vectors, lanes past
-    the first n at "minus infinity"): the weights go to s[:64], 0 past n; returns the factor
+    the first n at "minus infinity"): the weights go to s[so:so+64], 0 past n; returns the factor
     that rescales the row's accumulator."""
     mx = max(m[r], v16hmax(v16max(v16max(s0, s1), v16max(s2, s3))))
     top = v16splat(mx)
@@ -102,35 +104,45 @@ def _softmax64(s0, s1, s2, s3, n, r, m, den, s):
     alpha = _exp2(m[r] - mx)
     m[r] = mx
     den[r] = den[r] * alpha + v16hsum(v16add(v16add(p0, p1), v16add(p2, p3)))
-    v16store(s, 0, p0)
-    v16store(s, 16, p1)
-    v16store(s, 32, p2)
-    v16store(s, 48, p3)
+    v16store(s, so, p0)
+    v16store(s, so + 16, p1)
+    v16store(s, so + 32, p2)
+    v16store(s, so + 48, p3)
     return alpha
 
 
 @njit(inline="always", **_FAST)
-def _widen_tile(vc, table, start, n, block_size, ks, h, vs, d):
-    """vs[j, :] = V row start + j of head h widened to float32, for j < n."""
+def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax):
+    """vs[j, :] = V row start + j of head h widened to float32, for j < n; and, beside each
+    row, a prefetch of head h's K and V rows one key tile ahead. One row at a time, the
+    next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
+    `cpu_tiles` asks) overflows L1 and the core's miss buffers, and measured ~18% slower on
+    a decode batch read from DRAM (bench/README.md, "Prefetch one row at a time")."""
     hkv = ks // d
     for j in range(n):
         key = start + j
+        ahead = key + KEY_TILE
+        if ahead < kmax:
+            ab, aj = table[ahead // block_size], ahead % block_size
+            for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
+                _prefetch(kc, ab, aj, h, e)
+                _prefetch(vc, ab, aj, h, e)
         vb = ((table[key // block_size] * block_size + key % block_size) * hkv + h) * d
         for e in range(0, d, 16):
             v16store(vs, j * d + e, v16load_bf16(vc, vb + e))
 
 
 @njit(inline="always", **_FAST)
-def _pv64(acc, ab, alpha, s, vs, vb, d, nv):
-    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[j] * vs[j, vb:vb+64], the panel in
-    four registers throughout."""
+def _pv64(acc, ab, alpha, s, so, vs, vb, d, nv):
+    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[so+j] * vs[j, vb:vb+64], the panel
+    in four registers throughout."""
     av = v16splat(alpha)
     a0 = v16mul(v16load(acc, ab), av)
     a1 = v16mul(v16load(acc, ab + 16), av)
     a2 = v16mul(v16load(acc, ab + 32), av)
     a3 = v16mul(v16load(acc, ab + 48), av)
     for j in range(nv):
-        p = v16splat(s[j])
+        p = v16splat(s[so + j])
         row = j * d + vb
         a0 = v16fma(p, v16load(vs, row), a0)
         a1 = v16fma(p, v16load(vs, row + 16), a1)
@@ -140,6 +152,44 @@ def _pv64(acc, ab, alpha, s, vs, vb, d, nv):
     v16store(acc, ab + 16, a1)
     v16store(acc, ab + 32, a2)
     v16store(acc, ab + 48, a3)
+
+
+@njit(inline="always", **_FAST)
+def _pv64x3(acc, ab, alpha, g, s, vs, vb, d, nv):
+    """`_pv64` for rows g, g+1, g+2 of one GQA group at once (accumulators at ab, ab + d,
+    ab + 2d; weights at s[64g:], alphas alpha[g:g+3]): each V vector is loaded once for the
+    three rows, and twelve independent FMA chains keep both FMA units busy where four wait on
+    the FMA latency. Each row's sums run in the same order as `_pv64`'s (same bits)."""
+    so = g * KEY_TILE
+    b0, b1, b2 = v16splat(alpha[g]), v16splat(alpha[g + 1]), v16splat(alpha[g + 2])
+    a0, a1 = v16mul(v16load(acc, ab), b0), v16mul(v16load(acc, ab + 16), b0)
+    a2, a3 = v16mul(v16load(acc, ab + 32), b0), v16mul(v16load(acc, ab + 48), b0)
+    c0, c1 = v16mul(v16load(acc, ab + d), b1), v16mul(v16load(acc, ab + d + 16), b1)
+    c2, c3 = v16mul(v16load(acc, ab + d + 32), b1), v16mul(v16load(acc, ab + d + 48), b1)
+    e0, e1 = v16mul(v16load(acc, ab + 2 * d), b2), v16mul(v16load(acc, ab + 2 * d + 16), b2)
+    e2, e3 = v16mul(v16load(acc, ab + 2 * d + 32), b2), v16mul(v16load(acc, ab + 2 * d + 48), b2)
+    for j in range(nv):
+        row = j * d + vb
+        v0, v1 = v16load(vs, row), v16load(vs, row + 16)
+        v2, v3 = v16load(vs, row + 32), v16load(vs, row + 48)
+        p = v16splat(s[so + j])
+        a0, a1, a2, a3 = v16fma(p, v0, a0), v16fma(p, v1, a1), v16fma(p, v2, a2), v16fma(p, v3, a3)
+        p = v16splat(s[so + KEY_TILE + j])
+        c0, c1, c2, c3 = v16fma(p, v0, c0), v16fma(p, v1, c1), v16fma(p, v2, c2), v16fma(p, v3, c3)
+        p = v16splat(s[so + 2 * KEY_TILE + j])
+        e0, e1, e2, e3 = v16fma(p, v0, e0), v16fma(p, v1, e1), v16fma(p, v2, e2), v16fma(p, v3, e3)
+    v16store(acc, ab, a0)
+    v16store(acc, ab + 16, a1)
+    v16store(acc, ab + 32, a2)
+    v16store(acc, ab + 48, a3)
+    v16store(acc, ab + d, c0)
+    v16store(acc, ab + d + 16, c1)
+    v16store(acc, ab + d + 32, c2)
+    v16store(acc, ab + d + 48, c3)
+    v16store(acc, ab + 2 * d, e0)
+    v16store(acc, ab + 2 * d + 16, e1)
+    v16store(acc, ab + 2 * d + 32, e2)
+    v16store(acc, ab + 2 * d + 48, e3)
 
 
 @njit(inline="always", **_FAST)
@@ -157,7 +207,9 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     m = np.full(rows, _NEG, np.float32)
     den = np.zeros(rows, np.float32)
     limit = np.zeros(rows, np.int64)
-    s = np.empty(KEY_TILE, np.float32)  # one row's weights, read back one by one by `_pv64`
+    s = np.empty(group * KEY_TILE, np.float32)  # a group's weights, read back one by one
+    alpha = np.empty(group, np.float32)  # each row's accumulator rescale for this tile
+    threes = group - group % 3  # rows P.V takes three at a time
     vs = np.empty(KEY_TILE * d, np.float32)
     kmax = 0
     for i in range(hi - lo):
@@ -166,25 +218,26 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
         for k in range(heads):
             limit[i * heads + k] = lim
     for start in range(0, kmax, KEY_TILE):
-        for ahead in range(start + KEY_TILE, min(start + 2 * KEY_TILE, kmax), block_size):
-            _prefetch_block(kc, vc, table[ahead // block_size], h0, h1)
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
-            _widen_tile(vc, table, start, n, block_size, ks, h, vs, d)
+            _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax)
             for i in range(hi - lo):
+                r0 = i * heads + (h - h0) * group  # the group's first row; one query, one limit
+                nv = min(n, limit[r0] - start)
+                if nv <= 0:
+                    continue
                 for g in range(group):
-                    r = i * heads + (h - h0) * group + g
-                    nv = min(n, limit[r] - start)
-                    if nv <= 0:
-                        continue
                     qb = ((lo + i) * hq + h * group + g) * d
                     s0 = _scores_at(q, qb, kc, table, start, block_size, ks, h, d, c, nv)
                     s1 = _scores_at(q, qb, kc, table, start + 16, block_size, ks, h, d, c, nv - 16)
                     s2 = _scores_at(q, qb, kc, table, start + 32, block_size, ks, h, d, c, nv - 32)
                     s3 = _scores_at(q, qb, kc, table, start + 48, block_size, ks, h, d, c, nv - 48)
-                    alpha = _softmax64(s0, s1, s2, s3, nv, r, m, den, s)
-                    for e0 in range(0, d, 64):
-                        _pv64(acc, r * d + e0, alpha, s, vs, e0, d, nv)
+                    alpha[g] = _softmax64(s0, s1, s2, s3, nv, r0 + g, m, den, s, g * KEY_TILE)
+                for e0 in range(0, d, 64):
+                    for g in range(0, threes, 3):
+                        _pv64x3(acc, (r0 + g) * d + e0, alpha, g, s, vs, e0, d, nv)
+                    for g in range(threes, group):
+                        _pv64(acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vs, e0, d, nv)
     for i in range(hi - lo):
         for k in range(heads):
             inv = np.float32(1.0) / den[i * heads + k]
