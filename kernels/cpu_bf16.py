@@ -11,7 +11,7 @@ for what this instruction set offers:
   L1: each V element is widened once per head, not once per row;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
 - the next key tile prefetched one row at a time while this tile's V is widened, not in one
-  burst per block as in `cpu_tiles` (measured faster from DRAM);
+  burst per block as in `cpu_tiles` (faster from DRAM on AMD Zen 5, no change on Intel);
 - everything else as in `cpu_tiles` (items over the cores).
 A row's sums run in one order wherever the row sits in the batch, as there (`deterministic`).
 Compiled only where the CPU has `avx512_bf16` (`simd512.has_avx512_bf16`); elsewhere
@@ -116,8 +116,9 @@ def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax):
     """vs[j, :] = V row start + j of head h widened to float32, for j < n; and, beside each
     row, a prefetch of head h's K and V rows one key tile ahead. One row at a time, the
     next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
-    `cpu_tiles` asks) overflows L1 and the core's miss buffers, and measured ~18% slower on
-    a decode batch read from DRAM (bench/README.md, "Prefetch one row at a time")."""
+    `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
+    read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
+    at a time")."""
     hkv = ks // d
     for j in range(n):
         key = start + j
@@ -206,26 +207,24 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     acc = np.zeros((rows, d), np.float32)
     m = np.full(rows, _NEG, np.float32)
     den = np.zeros(rows, np.float32)
-    limit = np.zeros(rows, np.int64)
+    limit = np.zeros(hi - lo, np.int64)  # keys each query sees; every head of it alike
     s = np.empty(group * KEY_TILE, np.float32)  # a group's weights, read back one by one
     alpha = np.empty(group, np.float32)  # each row's accumulator rescale for this tile
     threes = group - group % 3  # rows P.V takes three at a time
     vs = np.empty(KEY_TILE * d, np.float32)
     kmax = 0
     for i in range(hi - lo):
-        lim = min(pos[lo + i] + 1, ctx)
-        kmax = max(kmax, lim)
-        for k in range(heads):
-            limit[i * heads + k] = lim
+        limit[i] = min(pos[lo + i] + 1, ctx)
+        kmax = max(kmax, limit[i])
     for start in range(0, kmax, KEY_TILE):
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
             _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax)
             for i in range(hi - lo):
-                r0 = i * heads + (h - h0) * group  # the group's first row; one query, one limit
-                nv = min(n, limit[r0] - start)
+                nv = min(n, limit[i] - start)
                 if nv <= 0:
                     continue
+                r0 = i * heads + (h - h0) * group  # the group's first row
                 for g in range(group):
                     qb = ((lo + i) * hq + h * group + g) * d
                     s0 = _scores_at(q, qb, kc, table, start, block_size, ks, h, d, c, nv)
