@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu_tiles import _NEG, _exp2, _prefetch
+from .cpu_tiles import _NEG, _exp2
+from .simd import prefetch
 from .simd512 import (
     v16add,
     v16exp2,
@@ -80,13 +81,21 @@ def _scores16(q, qb, kc, kb, ks, d):
 
 
 @njit(inline="always", **_FAST)
-def _scores_at(q, qb, kc, table, key, block_size, ks, h, d, c, n):
-    """c * the query at qb dotted with keys key..key+15 of head h (lane j: key + j), where
-    n > 0 of them count; every lane past n holds the finite "minus infinity"."""
+def _key_base(table, key, block_size, ks, h, d):
+    """Where key `key`'s row of head h starts in the pool (flat element index). Keys
+    key..key+15 follow at steps of ks (key % 16 == 0 and block_size % 16 == 0 keep them in one
+    block), so a tile pays this division once per 16 keys, not once per key: two integer
+    divisions per key and head cost more than the key's arithmetic (bench/README.md)."""
+    return ((table[key // block_size] * block_size + key % block_size) * (ks // d) + h) * d
+
+
+@njit(inline="always", **_FAST)
+def _scores_at(q, qb, kc, kb, ks, d, c, n):
+    """c * the query at qb dotted with the sixteen keys from kb on (lane j: the key at
+    kb + j * ks), where n > 0 of them count; every lane past n holds the finite "minus
+    infinity"."""
     if n <= 0:
         return v16splat(_NEG)
-    blk = table[key // block_size]
-    kb = ((blk * block_size + key % block_size) * (ks // d) + h) * d
     return v16first(v16mul(_scores16(q, qb, kc, kb, ks, d), v16splat(c)), n, _NEG)
 
 
@@ -119,18 +128,17 @@ def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax):
     `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
     read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
     at a time")."""
-    hkv = ks // d
-    for j in range(n):
-        key = start + j
-        ahead = key + KEY_TILE
-        if ahead < kmax:
-            ab, aj = table[ahead // block_size], ahead % block_size
-            for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
-                _prefetch(kc, ab, aj, h, e)
-                _prefetch(vc, ab, aj, h, e)
-        vb = ((table[key // block_size] * block_size + key % block_size) * hkv + h) * d
-        for e in range(0, d, 16):
-            v16store(vs, j * d + e, v16load_bf16(vc, vb + e))
+    for g in range(0, n, 16):
+        vb = _key_base(table, start + g, block_size, ks, h, d)
+        ahead = start + g + KEY_TILE
+        ab = _key_base(table, ahead, block_size, ks, h, d) if ahead < kmax else 0
+        for j in range(min(16, n - g)):
+            if ahead + j < kmax:
+                for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
+                    prefetch(kc, ab + j * ks + e)
+                    prefetch(vc, ab + j * ks + e)
+            for e in range(0, d, 16):
+                v16store(vs, (g + j) * d + e, v16load_bf16(vc, vb + j * ks + e))
 
 
 @njit(inline="always", **_FAST)
@@ -220,6 +228,10 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
             _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax)
+            kb0 = _key_base(table, start, block_size, ks, h, d)  # each 16 keys' first row
+            kb1 = _key_base(table, start + 16, block_size, ks, h, d) if n > 16 else 0
+            kb2 = _key_base(table, start + 32, block_size, ks, h, d) if n > 32 else 0
+            kb3 = _key_base(table, start + 48, block_size, ks, h, d) if n > 48 else 0
             for i in range(hi - lo):
                 nv = min(n, limit[i] - start)
                 if nv <= 0:
@@ -227,10 +239,10 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
                 r0 = i * heads + (h - h0) * group  # the group's first row
                 for g in range(group):
                     qb = ((lo + i) * hq + h * group + g) * d
-                    s0 = _scores_at(q, qb, kc, table, start, block_size, ks, h, d, c, nv)
-                    s1 = _scores_at(q, qb, kc, table, start + 16, block_size, ks, h, d, c, nv - 16)
-                    s2 = _scores_at(q, qb, kc, table, start + 32, block_size, ks, h, d, c, nv - 32)
-                    s3 = _scores_at(q, qb, kc, table, start + 48, block_size, ks, h, d, c, nv - 48)
+                    s0 = _scores_at(q, qb, kc, kb0, ks, d, c, nv)
+                    s1 = _scores_at(q, qb, kc, kb1, ks, d, c, nv - 16)
+                    s2 = _scores_at(q, qb, kc, kb2, ks, d, c, nv - 32)
+                    s3 = _scores_at(q, qb, kc, kb3, ks, d, c, nv - 48)
                     alpha[g] = _softmax64(s0, s1, s2, s3, nv, r0 + g, m, den, s, g * KEY_TILE)
                 for e0 in range(0, d, 64):
                     for g in range(0, threes, 3):
