@@ -247,10 +247,10 @@ class CpuStep:
     ) -> torch.Tensor:
         if self.skip is None:
             self.skip = self._choose(q, k_cache)
-        out = torch.empty(q.shape, dtype=torch.float32)
         if q.shape[0] and not self.skip.all():
-            self._run_kernel(q, k_cache, v_cache, scale, out)
-        out = out if q.dtype == torch.float32 else out.to(q.dtype)
+            out = self._run_kernel(q, k_cache, v_cache, scale)
+        else:
+            out = torch.empty(q.shape, dtype=q.dtype)
         for lo, hi, sequence in self._sdpa_sequences(
             k_cache.shape[1], q.shape[1] // k_cache.shape[2]
         ):
@@ -297,15 +297,21 @@ class CpuStep:
             self._split = (qtile, heads)
         return self._split
 
-    def _run_kernel(self, q, k_cache, v_cache, scale: float, out: torch.Tensor) -> None:
-        """The Numba kernel into the float32 `out` for every sequence not skipped."""
+    def _run_kernel(self, q, k_cache, v_cache, scale: float) -> torch.Tensor:
+        """The Numba kernel for every sequence not skipped: the output in q's dtype. The
+        `vdpbf16ps` kernel writes bfloat16 itself, rounded as torch's `.to` rounds (a float32
+        output and its conversion cost ~50 us a layer at 32 rows); the others write float32."""
         qtile, heads = self._work_split(q, k_cache)
         kernel = bf16_dot_kernel(q, k_cache)
         if kernel is not None:  # the query as its bfloat16 bits, scaled in the kernel
             queries = q.contiguous().view(torch.uint16).numpy()
+            out = torch.empty(q.shape, dtype=q.dtype)
+            target = out.view(torch.uint16).numpy()
         else:
             kernel = _KERNELS[tile_kind(q.shape[2], k_cache.shape[1])]
             queries = q.to(torch.float32).contiguous().numpy()
+            out = torch.empty(q.shape, dtype=torch.float32)
+            target = out.numpy()
         with numba_threads_as_torch():  # each thread takes every n-th work item (see above)
             kernel(
                 queries,
@@ -316,8 +322,9 @@ class CpuStep:
                 qtile,
                 heads,
                 self.skip,
-                out.numpy(),
+                target,
             )
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def paged_attention_cpu(

@@ -38,6 +38,7 @@ from .simd512 import (
     v16mul,
     v16splat,
     v16store,
+    v16store_bf16,
     v16sub,
     v16zero,
     vdot_bf16,
@@ -205,7 +206,8 @@ def _pv64x3(acc, ab, alpha, g, s, vs, vb, d, nv):
 def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     """Attention of queries lo..hi-1, query heads of KV heads h0..h1-1, over one sequence's
     pages, in key tiles of 64; q, kc, vc: bfloat16 bits (uint16); c: the score scale times
-    log2(e); d: the head dim, a multiple of 64; the block size a multiple of 16."""
+    log2(e); d: the head dim, a multiple of 64; the block size a multiple of 16; out: the
+    attention in bfloat16 bits (uint16), rounded here as torch rounds float32 to bfloat16."""
     block_size, hkv = kc.shape[1], kc.shape[2]
     hq = q.shape[1]
     group = hq // hkv
@@ -251,6 +253,7 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
                         _pv64(acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vs, e0, d, nv)
     for i in range(hi - lo):
         for k in range(heads):
-            inv = np.float32(1.0) / den[i * heads + k]
-            for e in range(d):
-                out[lo + i, h0 * group + k, e] = acc[i * heads + k, e] * inv
+            inv = v16splat(np.float32(1.0) / den[i * heads + k])
+            ob = ((lo + i) * hq + h0 * group + k) * d
+            for e in range(0, d, 16):
+                v16store_bf16(out, ob + e, v16mul(v16load(acc, (i * heads + k) * d + e), inv))

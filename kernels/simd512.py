@@ -108,6 +108,33 @@ def v16store(typingctx, arr, flat, v):
 
 
 @intrinsic
+def v16store_bf16(typingctx, arr, flat, v):
+    """arr[flat:flat+16] = v rounded to bfloat16 bits (a uint16 array): to nearest, ties to
+    even, as torch's `.to(torch.bfloat16)` rounds a finite float32 (a NaN stays a NaN), so a
+    kernel writing bfloat16 itself gives the bits a float32 result converted by torch would."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint16 and v == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32x16 = ir.VectorType(_I32, LANES)
+
+        def splat(value: int) -> ir.Constant:
+            return ir.Constant(i32x16, [_I32(value)] * LANES)
+
+        bits = builder.bitcast(args[2], i32x16)
+        odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, splat(0x7FFF))), splat(16))
+        nan = builder.fcmp_unordered("uno", args[2], args[2])
+        rounded = builder.select(nan, splat(0x7FC0), rounded)
+        halves = builder.trunc(rounded, ir.VectorType(ir.IntType(16), LANES))
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(halves, builder.bitcast(ptr, halves.type.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp, f32x16), codegen
+
+
+@intrinsic
 def v16splat(typingctx, x):
     """x in all sixteen lanes."""
 

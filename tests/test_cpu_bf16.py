@@ -22,6 +22,7 @@ from pensieve.kernels.simd512 import (
     v16hsum,
     v16load,
     v16store,
+    v16store_bf16,
     v16zero,
     vdot_bf16,
     vsum16x16,
@@ -104,10 +105,38 @@ def test_v16first_keeps_the_first_n_lanes(n):
     assert total == kept.sum()
 
 
+@njit
+def _round_bf16(x, out):
+    for i in range(0, x.size, 16):
+        v16store_bf16(out, i, v16load(x, i))
+
+
+def test_bf16_store_rounds_as_torch_does():
+    """The kernel writes its bfloat16 output itself: the bits torch's `.to(torch.bfloat16)`
+    gives, ties (to even) and subnormals included; a NaN stays a NaN."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal(4096).astype(np.float32) * np.float32(3.0) ** rng.integers(
+        -60, 60, 4096
+    ).astype(np.float32)
+    ties = (rng.integers(0, 1 << 16, 2048, dtype=np.uint32) << 16 | 0x8000).view(np.float32)
+    ties = ties[np.isfinite(ties)]  # NaN payloads: torch's vector and scalar paths differ
+    tiny = rng.integers(1, 1 << 23, 1024, dtype=np.uint32).view(np.float32)  # subnormals
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38] + [1.0] * 10, np.float32)
+    x = np.concatenate([wide, ties, tiny, -tiny, special]).astype(np.float32)
+    x = x.reshape(-1)[: x.size // 16 * 16]
+    out = np.empty(x.size, np.uint16)
+    _round_bf16(x, out)
+    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out, expected)
+    nan = np.full(16, np.nan, np.float32)
+    _round_bf16(nan, out[:16])
+    assert torch.from_numpy(out[:16].view(np.int16)).view(torch.bfloat16).isnan().all()
+
+
 def _run(case, heads: int) -> torch.Tensor:
     """The kernel with work items of `heads` KV heads each and query tiles of 5."""
     pc = case
-    out = torch.empty(pc.q.shape, dtype=torch.float32)
+    out = torch.empty(pc.q.shape, dtype=torch.bfloat16)
     arrays = tuple(
         t.to(torch.int32).contiguous().numpy()
         for t in (pc.block_tables, pc.query_start, pc.query_positions, pc.context_lens)
@@ -117,7 +146,7 @@ def _run(case, heads: int) -> torch.Tensor:
     kernel = cpu_attention.bf16_dot_kernel(pc.q, pc.k_cache)
     assert kernel is not None
     k, v = (_bits(c) for c in (pc.k_cache, pc.v_cache))
-    kernel(_bits(pc.q), k, v, *arrays, scale, 5, heads, skip, out.numpy())
+    kernel(_bits(pc.q), k, v, *arrays, scale, 5, heads, skip, _bits(out))
     return out
 
 
@@ -138,7 +167,7 @@ def test_work_split_does_not_change_a_bit(d, block_size, heads):
     assert torch.equal(one, every)
     assert not every.isnan().any()
     expected = paged_attention_reference(*case.args())
-    torch.testing.assert_close(every.to(torch.bfloat16), expected, atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(every, expected, atol=1e-2, rtol=1.6e-2)
 
 
 def test_a_row_has_the_same_bits_alone_and_in_a_batch():
