@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,31 @@ import torch
 # dtype and head dim it meets (~10 s each). Same code either way, so the tests take the cache.
 os.environ.setdefault("PENSIEVE_KERNEL_CACHE", "1")
 
+
 from pensieve.config import ModelConfig  # noqa: E402 - after the setting above
 from pensieve.errors import ModelLoadError
 from pensieve.model import build_model
 from pensieve.runtime import LoadedModel
 from pensieve.tokenizer import ChatTokenizer
 from pensieve.weights import expected_tensor_shapes
+
+
+def _import_hub_kernels() -> None:
+    """transformers 5 imports Hugging Face's `kernels` package (a dependency of it) as it loads;
+    `python -m pytest` puts the repository first on sys.path, where this project's kernels/
+    folder would answer to that name. Import theirs first, from the installed packages."""
+    root = Path(__file__).resolve().parents[1]
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed: transformers does not ask for it
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_hub_kernels()  # before any test module imports transformers
 
 # Tests run tiny shapes on a 2-core machine, often beside other processes: one intra-op thread
 # avoids OpenMP spin-waiting that makes small ops 100x slower under contention.

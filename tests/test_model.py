@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,23 +9,6 @@ from pensieve.attention import ContiguousKV
 from pensieve.config import ModelConfig
 from pensieve.model import build_model
 
-
-def _import_hub_kernels() -> None:
-    """transformers 5 imports Hugging Face's `kernels` package (a dependency of it) as it loads;
-    `python -m pytest` puts the repository first on sys.path, where this project's kernels/
-    folder would answer to that name. Import theirs first, from the installed packages."""
-    root = Path(__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:  # not installed: transformers does not ask for it
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_import_hub_kernels()
 transformers = pytest.importorskip("transformers")
 
 
