@@ -91,6 +91,18 @@ def _key_base(table, key, block_size, ks, h, d):
 
 
 @njit(inline="always", **_FAST)
+def _tile_bases(table, start, n, block_size, ks, h, d):
+    """`_key_base` of the key tile's four groups of 16 keys (0 for a group past its n keys),
+    found once per tile and head for both the V widening and the scores."""
+    return (
+        _key_base(table, start, block_size, ks, h, d),
+        _key_base(table, start + 16, block_size, ks, h, d) if n > 16 else 0,
+        _key_base(table, start + 32, block_size, ks, h, d) if n > 32 else 0,
+        _key_base(table, start + 48, block_size, ks, h, d) if n > 48 else 0,
+    )
+
+
+@njit(inline="always", **_FAST)
 def _scores_at(q, qb, kc, kb, ks, d, c, n):
     """c * the query at qb dotted with the sixteen keys from kb on (lane j: the key at
     kb + j * ks), where n > 0 of them count; every lane past n holds the finite "minus
@@ -122,15 +134,16 @@ def _softmax64(s0, s1, s2, s3, n, r, m, den, s, so):
 
 
 @njit(inline="always", **_FAST)
-def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax):
-    """vs[j, :] = V row start + j of head h widened to float32, for j < n; and, beside each
+def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases):
+    """vs[j, :] = V row start + j of head h widened to float32, for j < n (bases: where each
+    16 keys of the tile start, `_tile_bases`); and, beside each
     row, a prefetch of head h's K and V rows one key tile ahead. One row at a time, the
     next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
     `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
     read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
     at a time")."""
     for g in range(0, n, 16):
-        vb = _key_base(table, start + g, block_size, ks, h, d)
+        vb = bases[g // 16]
         ahead = start + g + KEY_TILE
         ab = _key_base(table, ahead, block_size, ks, h, d) if ahead < kmax else 0
         for j in range(min(16, n - g)):
@@ -229,11 +242,9 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     for start in range(0, kmax, KEY_TILE):
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
-            _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax)
-            kb0 = _key_base(table, start, block_size, ks, h, d)  # each 16 keys' first row
-            kb1 = _key_base(table, start + 16, block_size, ks, h, d) if n > 16 else 0
-            kb2 = _key_base(table, start + 32, block_size, ks, h, d) if n > 32 else 0
-            kb3 = _key_base(table, start + 48, block_size, ks, h, d) if n > 48 else 0
+            bases = _tile_bases(table, start, n, block_size, ks, h, d)
+            _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases)
+            kb0, kb1, kb2, kb3 = bases
             for i in range(hi - lo):
                 nv = min(n, limit[i] - start)
                 if nv <= 0:
