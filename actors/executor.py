@@ -18,7 +18,7 @@ from pensieve.compute_thread import compute_executor
 from pensieve.messages import Forget, SequenceRows, StepPlan, StepResult
 from pensieve.model import LlamaForCausalLM
 from pensieve.paged import PagedAttentionBackend, StepMetadata
-from pensieve.sampling import RequestSampler, Sampled
+from pensieve.sampling import RequestSampler, Sampled, argmax_rows
 
 
 class Executor(Actor):
@@ -82,8 +82,8 @@ class Executor(Actor):
                 self.samplers[seq.request_id] = RequestSampler(seq.sampling, logits.device)
             samplers.append(self.samplers[seq.request_id])
         greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
-        if greedy:
-            best = torch.argmax(logits[greedy], dim=-1).tolist()
+        if greedy:  # every row greedy (the usual decode batch): no copy of the rows
+            best = argmax_rows(logits if len(greedy) == len(rows) else logits[greedy])
             for i, token in zip(greedy, best, strict=True):
                 sampled[rows[i].request_id] = token
                 samplers[i].counts[token] = samplers[i].counts.get(token, 0) + 1
