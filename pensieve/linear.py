@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels.cpu_int8 import fits_int8_matmul, int8_matmul, torch_int8_is_vectorised
+from pensieve.kernels.cpu_int8 import Int8Weight, fits_int8_matmul, torch_int8_is_vectorised
 
 # torch's int8 weight-pack matmul is vectorised for AVX-512 only; elsewhere ours (cpu_int8)
 TORCH_INT8_VECTORISED = torch_int8_is_vectorised()
@@ -31,6 +31,7 @@ class Linear(nn.Linear):
 
     tile_rows: int = 0
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` (CPU)
+    int8_weight: Int8Weight | None = None  # `qweight` and `qscale` as cpu_int8 takes them
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,10 +46,21 @@ class Linear(nn.Linear):
         if self.qweight is not None:
             if TORCH_INT8_VECTORISED or not fits_int8_matmul(self.qweight):
                 return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
-            return int8_matmul(x, self.qweight, self.qscale)
+            return self.prepared_int8().matmul(x)
         if self.packed is not None and x.dtype == self.weight.dtype:
             return onednn_matmul(x, self.packed)
         return F.linear(x, self.weight)
+
+    def prepared_int8(self) -> Int8Weight:
+        """`qweight` and `qscale` converted for `cpu_int8` once, again if either is replaced."""
+        prepared = self.int8_weight
+        if (
+            prepared is None
+            or prepared.qweight is not self.qweight
+            or prepared.scale is not self.qscale
+        ):
+            prepared = self.int8_weight = Int8Weight(self.qweight, self.qscale)
+        return prepared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tile_rows:

@@ -37,6 +37,32 @@ def test_int8_matmul_rows_do_not_depend_on_the_row_count() -> None:
         assert torch.equal(int8_matmul(x[lo:hi], q, scale), whole[lo:hi])
 
 
+@pytest.mark.parametrize("features", [61, 64, 200])
+def test_one_row_kernel_gives_each_row_its_bits_in_a_batch(features: int) -> None:
+    """One row runs `_int8_matvec` (eight features a pass), a batch `_int8_matmul` (four
+    features, two rows): every row alone has its bits from the batch, partial groups too."""
+    gen = torch.Generator().manual_seed(features)
+    q, scale = quantize_rows_int8(torch.randn(features, 576, generator=gen))
+    x = torch.randn(9, 576, generator=gen)
+    whole = int8_matmul(x, q, scale)
+    for i in range(9):
+        assert torch.equal(int8_matmul(x[i : i + 1], q, scale), whole[i : i + 1])
+
+
+def test_linear_converts_its_int8_weight_once_and_again_when_replaced() -> None:
+    layer = Linear(16, 8, bias=False)
+    quantize_int8(torch.nn.Sequential(layer))
+    x = torch.randn(1, 16)
+    first = layer(x)
+    prepared = layer.int8_weight
+    assert prepared is not None and torch.equal(layer(x), first)
+    assert layer.int8_weight is prepared  # reused by the next call
+    layer.qweight, layer.qscale = quantize_rows_int8(2 * torch.randn(8, 16))
+    expected = x @ (layer.qweight.float() * layer.qscale[:, None]).T
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.int8_weight is not prepared
+
+
 def test_int8_matmul_refuses_a_ragged_input_width_and_linear_falls_back() -> None:
     q, scale = quantize_rows_int8(torch.randn(5, 12))
     with pytest.raises(ValueError, match="multiples of 8"):
