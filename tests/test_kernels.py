@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pensieve.kernels as kernels
-from pensieve.kernels import paged_attention, write_kv
+from pensieve.kernels import cpu_sdpa, paged_attention, write_kv
 from pensieve.kernels.cpu_attention import paged_attention_cpu
 from pensieve.kernels.reference import paged_attention_reference, write_kv_reference
 from pensieve.kernels.testing import make_paged_case, random_seqs
@@ -99,6 +99,21 @@ def test_two_query_ranges_over_one_context(impl):
     )
     whole = paged_attention_cpu(*case.args(), impl=impl)
     torch.testing.assert_close(whole[:d], paged_attention_cpu(*alone.args(), impl=impl))
+
+
+@pytest.mark.parametrize("tile", [7, 16, 256])
+def test_sdpa_query_tiles_each_read_only_the_keys_they_see(tile, monkeypatch):
+    """`cpu_sdpa` runs a long query range in tiles over a prefix of the keys: a fresh prompt,
+    a chunk after cached keys, a dropped prefix recomputed beside a new prompt, unsorted
+    positions and one past the context all match the reference at any tile size."""
+    monkeypatch.setattr(cpu_sdpa, "QUERY_TILE", tile)
+    seqs = [
+        (300, list(range(300))),
+        (120, list(range(80, 120))),
+        (90, list(range(20)) + list(range(60, 90))),
+        (50, [49, 0, 17, 16, 31, 5, 40, 41, 2, 3, 30, 29, 28, 27, 26, 25, 200]),
+    ]
+    assert_matches_reference(make_paged_case(seqs, block_size=16, seed=5), impl="sdpa")
 
 
 @pytest.mark.parametrize("impl", ["numba", "sdpa"])
