@@ -239,6 +239,48 @@ def vsum16x16(typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, 
 
 
 @intrinsic
+def vsum16x16_halves(
+    typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15
+):
+    """`vsum16x16` added in `v16hsum`'s order: lane k = the sum of t_k's lanes by halves
+    (lane i + lane i + 8, then i + 4, i + 2, i + 1), the tree of `_mm512_reduce_add_ps`."""
+    vectors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
+    if not all(v == f32x16 for v in vectors):
+        return None
+
+    def codegen(context, builder, sig, args):
+        parts, width = list(args), LANES // 2
+        while len(parts) > 1:
+            # pairs (a, b): the low halves of a's blocks of 2 * width, then b's; likewise high
+            low, high = [], []
+            for base in (0, LANES):
+                for j in range(0, LANES, 2 * width):
+                    low += range(base + j, base + j + width)
+                    high += range(base + j + width, base + j + 2 * width)
+            parts = [
+                _pair_sum(builder, parts[2 * k], parts[2 * k + 1], low, high)
+                for k in range(len(parts) // 2)
+            ]
+            width //= 2
+        return parts[0]
+
+    return f32x16(*vectors), codegen
+
+
+@intrinsic
+def v16load_i8(typingctx, arr, flat):
+    """Elements flat..flat+15 of an int8 array as float32, exactly."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_ = _load(builder, context, sig, args, ir.VectorType(ir.IntType(8), LANES), 1)
+        return builder.sitofp(bytes_, _V16)
+
+    return f32x16(arr, types.intp), codegen
+
+
+@intrinsic
 def v16sub(typingctx, a, b):
     """a - b lane by lane."""
     if not (a == b == f32x16):

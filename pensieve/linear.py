@@ -5,7 +5,8 @@
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
-  torch's int8 matmul where it is vectorised (AVX-512), by `kernels/cpu_int8.py` elsewhere.
+  torch's int8 matmul where it is vectorised (AVX-512; one bfloat16 row by `cpu_int8`'s copy of
+  its bits, faster), by `kernels/cpu_int8.py` elsewhere.
 - `tile_rows` > 0 runs the rows in fixed tiles (set by `batch_invariant` where needed).
 The dense `weight` stays the source of truth (state dict, tied embeddings, fingerprints).
 """
@@ -18,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels.cpu_int8 import Int8Weight, fits_int8_matmul, torch_int8_is_vectorised
+from pensieve.kernels.cpu_int8 import (
+    TORCH_INT8_VECTORISED,
+    Int8Weight,
+    fits_int8_matmul,
+    takes_one_row_as_torch,
+)
 
-# torch's int8 weight-pack matmul is vectorised for AVX-512 only; elsewhere ours (cpu_int8)
-TORCH_INT8_VECTORISED = torch_int8_is_vectorised()
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
 
 
@@ -45,6 +49,8 @@ class Linear(nn.Linear):
         """x @ W.T in one call, whatever the number of rows."""
         if self.qweight is not None:
             if TORCH_INT8_VECTORISED or not fits_int8_matmul(self.qweight):
+                if takes_one_row_as_torch(x, self.qweight, self.qscale):
+                    return self.prepared_int8().one_row_as_torch(x)
                 return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
             return self.prepared_int8().matmul(x)
         if self.packed is not None and x.dtype == self.weight.dtype:

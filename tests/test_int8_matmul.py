@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pensieve.kernels.cpu_int8 import int8_matmul
+from pensieve.kernels.cpu_int8 import (
+    TORCH_INT8_VECTORISED,
+    Int8Weight,
+    int8_matmul,
+    takes_one_row_as_torch,
+)
 from pensieve.linear import Linear
 from pensieve.quantize import quantize_int8, quantize_rows_int8
 
@@ -50,17 +55,56 @@ def test_one_row_kernel_gives_each_row_its_bits_in_a_batch(features: int) -> Non
 
 
 def test_linear_converts_its_int8_weight_once_and_again_when_replaced() -> None:
+    """`prepared_int8` (whichever kernel a call then takes on this CPU) converts once, and
+    again when `qweight` or `qscale` is replaced."""
     layer = Linear(16, 8, bias=False)
     quantize_int8(torch.nn.Sequential(layer))
     x = torch.randn(1, 16)
     first = layer(x)
-    prepared = layer.int8_weight
-    assert prepared is not None and torch.equal(layer(x), first)
-    assert layer.int8_weight is prepared  # reused by the next call
+    prepared = layer.prepared_int8()
+    assert torch.equal(layer(x), first)
+    assert layer.prepared_int8() is prepared  # reused by the next call
     layer.qweight, layer.qscale = quantize_rows_int8(2 * torch.randn(8, 16))
     expected = x @ (layer.qweight.float() * layer.qscale[:, None]).T
     torch.testing.assert_close(layer(x), expected)
-    assert layer.int8_weight is not prepared
+    assert layer.prepared_int8() is not prepared
+
+
+needs_torch_avx512_int8 = pytest.mark.skipif(
+    not TORCH_INT8_VECTORISED, reason="torch's int8 matmul has its AVX-512 kernel only there"
+)
+
+
+@needs_torch_avx512_int8
+@pytest.mark.parametrize(("features", "k_dim"), [(960, 576), (576, 1536), (7, 16), (100, 64)])
+def test_one_bfloat16_row_gets_torchs_int8_bits(features: int, k_dim: int) -> None:
+    """`one_row_as_torch` is torch's `_weight_int8pack_mm` bit for bit (a short last group of
+    sixteen features too), so a decode row of one sequence has the bits it has in a batch."""
+    gen = torch.Generator().manual_seed(features + k_dim)
+    q, scale = quantize_rows_int8(torch.randn(features, k_dim, generator=gen) / 20)
+    scale = scale.to(torch.bfloat16)
+    x = (3 * torch.randn(5, k_dim, generator=gen)).to(torch.bfloat16)
+    batch = torch._weight_int8pack_mm(x, q, scale)
+    prepared = Int8Weight(q, scale)
+    for i in range(5):
+        row = x[i : i + 1]
+        assert takes_one_row_as_torch(row, q, scale)
+        got = prepared.one_row_as_torch(row)
+        assert torch.equal(got.view(torch.int16), batch[i : i + 1].view(torch.int16))
+
+
+@needs_torch_avx512_int8
+def test_an_int8_bfloat16_linear_gives_a_row_alone_its_bits_in_a_batch() -> None:
+    layer = Linear(576, 200, bias=False).to(torch.bfloat16)
+    quantize_int8(torch.nn.Sequential(layer))
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = layer(x)
+    assert layer.int8_weight is None  # a batch runs torch's kernel
+    for i in range(9):
+        assert torch.equal(
+            layer(x[i : i + 1]).view(torch.int16), whole[i : i + 1].view(torch.int16)
+        )
+    assert layer.int8_weight is not None  # one row ran `one_row_as_torch`
 
 
 def test_int8_matmul_refuses_a_ragged_input_width_and_linear_falls_back() -> None:
