@@ -214,7 +214,7 @@ class Int8Weight:
     of a ~30-50 us call (2-core AVX2 EPYC). `qweight` and `scale` are kept so that a holder
     can tell whether it still has these tensors."""
 
-    __slots__ = ("qweight", "scale", "weight_array", "scale_array")
+    __slots__ = ("qweight", "scale", "weight_array", "scale_array", "rows_as_torch")
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         if qweight.dim() != 2 or scale.shape != qweight.shape[:1]:
@@ -229,6 +229,13 @@ class Int8Weight:
         self.qweight, self.scale = qweight, scale
         self.weight_array = qweight.detach().contiguous().numpy()
         self.scale_array = _float32_numpy(scale)
+        # whether `one_row_as_torch` gives torch's bits here: its AVX-512 kernel is the one
+        # whose bits to give, it takes the scales in x's dtype (bfloat16), K in steps of 16
+        self.rows_as_torch = (
+            TORCH_INT8_VECTORISED
+            and scale.dtype == torch.bfloat16
+            and qweight.shape[1] % WIDE_LANES == 0
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (any float dtype) @ (qweight * scale).T -> [M, N] in x's dtype."""
@@ -247,20 +254,19 @@ class Int8Weight:
         return result if x.dtype == torch.float32 else result.to(x.dtype)
 
     def one_row_as_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's `_weight_int8pack_mm(x, qweight, scale)` for one bfloat16 row
-        (`takes_one_row_as_torch`), bit for bit, ~1.3x faster: a decode step of one sequence
-        reads the whole model's weights through it (121 matmuls of the default model: 4.5 ->
-        3.6 ms, 2-core AVX-512 EPYC), and rows in batches keep torch's kernel, whose bits
-        these are."""
-        out = torch.empty((1, self.weight_array.shape[0]), dtype=torch.bfloat16)
+        """torch's `_weight_int8pack_mm(x, qweight, scale)` for one bfloat16 row x [1, K] where
+        `rows_as_torch`, bit for bit and ~1.3x faster: a decode step of one sequence reads
+        every weight through it (121 matmuls of the default model: 4.5 -> 3.6 ms, 2-core
+        AVX-512 EPYC), and rows in batches keep torch's kernel, whose bits these are."""
+        out = np.empty((1, self.weight_array.shape[0]), dtype=np.uint16)
         with numba_threads_as_torch():
             _int8_rows_torch_order(
-                x.view(torch.uint16).numpy(),
+                x.contiguous().view(torch.uint16).numpy(),
                 self.weight_array,
                 self.scale_array,
-                out.view(torch.uint16).numpy(),
+                out,
             )
-        return out
+        return torch.from_numpy(out).view(torch.bfloat16)
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -276,19 +282,6 @@ def _float32_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype != torch.float32 or not t.is_contiguous():
         t = t.to(torch.float32).contiguous()
     return t.numpy()
-
-
-def takes_one_row_as_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether `Int8Weight.one_row_as_torch` computes torch's int8 matmul here: one
-    contiguous bfloat16 row, bfloat16 scales (torch's kernel takes them in x's dtype), K a
-    multiple of 16, and torch's AVX-512 kernel the one whose bits to give."""
-    return (
-        TORCH_INT8_VECTORISED
-        and x.shape[0] == 1
-        and x.dtype == scale.dtype == torch.bfloat16
-        and x.is_contiguous()
-        and qweight.shape[1] % WIDE_LANES == 0
-    )
 
 
 def fits_int8_matmul(qweight: torch.Tensor) -> bool:

@@ -23,7 +23,6 @@ from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
     fits_int8_matmul,
-    takes_one_row_as_torch,
 )
 
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
@@ -48,14 +47,23 @@ class Linear(nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T in one call, whatever the number of rows."""
         if self.qweight is not None:
-            if TORCH_INT8_VECTORISED or not fits_int8_matmul(self.qweight):
-                if takes_one_row_as_torch(x, self.qweight, self.qscale):
-                    return self.prepared_int8().one_row_as_torch(x)
-                return torch._weight_int8pack_mm(x, self.qweight, self.qscale.to(x.dtype))
-            return self.prepared_int8().matmul(x)
+            return self.int8_matmul(x)
         if self.packed is not None and x.dtype == self.weight.dtype:
             return onednn_matmul(x, self.packed)
         return F.linear(x, self.weight)
+
+    def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ (qweight * qscale).T: torch's int8 matmul where it is vectorised (one bfloat16
+        row through `cpu_int8`'s copy of its bits), `cpu_int8`'s kernels elsewhere."""
+        qweight = self.qweight
+        if not fits_int8_matmul(qweight):
+            return torch._weight_int8pack_mm(x, qweight, self.qscale.to(x.dtype))
+        prepared = self.prepared_int8()
+        if not TORCH_INT8_VECTORISED:
+            return prepared.matmul(x)
+        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and prepared.rows_as_torch:
+            return prepared.one_row_as_torch(x)
+        return torch._weight_int8pack_mm(x, qweight, self.qscale.to(x.dtype))
 
     def prepared_int8(self) -> Int8Weight:
         """`qweight` and `qscale` converted for `cpu_int8` once, again if either is replaced."""

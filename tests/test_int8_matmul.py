@@ -9,7 +9,6 @@ from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
     int8_matmul,
-    takes_one_row_as_torch,
 )
 from pensieve.linear import Linear
 from pensieve.quantize import quantize_int8, quantize_rows_int8
@@ -86,9 +85,9 @@ def test_one_bfloat16_row_gets_torchs_int8_bits(features: int, k_dim: int) -> No
     x = (3 * torch.randn(5, k_dim, generator=gen)).to(torch.bfloat16)
     batch = torch._weight_int8pack_mm(x, q, scale)
     prepared = Int8Weight(q, scale)
+    assert prepared.rows_as_torch
     for i in range(5):
         row = x[i : i + 1]
-        assert takes_one_row_as_torch(row, q, scale)
         got = prepared.one_row_as_torch(row)
         assert torch.equal(got.view(torch.int16), batch[i : i + 1].view(torch.int16))
 
@@ -98,13 +97,16 @@ def test_an_int8_bfloat16_linear_gives_a_row_alone_its_bits_in_a_batch() -> None
     layer = Linear(576, 200, bias=False).to(torch.bfloat16)
     quantize_int8(torch.nn.Sequential(layer))
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    whole = layer(x)
-    assert layer.int8_weight is None  # a batch runs torch's kernel
+    whole = layer(x)  # a batch runs torch's kernel, one row `one_row_as_torch`
+    assert layer.prepared_int8().rows_as_torch
     for i in range(9):
         assert torch.equal(
             layer(x[i : i + 1]).view(torch.int16), whole[i : i + 1].view(torch.int16)
         )
-    assert layer.int8_weight is not None  # one row ran `one_row_as_torch`
+    # a strided row too (its contiguous copy goes to the kernel)
+    strided = torch.stack([x, x], dim=2)[:1, :, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(layer(strided).view(torch.int16), whole[:1].view(torch.int16))
 
 
 def test_int8_matmul_refuses_a_ragged_input_width_and_linear_falls_back() -> None:
