@@ -29,22 +29,12 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .cpu_int8_torch_order import WIDE_LANES, matmul_as_torch
 from .cpu_threads import numba_threads_as_torch
 from .simd import prefetch, vfma, vlane, vload, vload_i8, vsum8x8, vzero
-from .simd512 import (
-    v16fma,
-    v16load_bf16,
-    v16load_i8,
-    v16mul,
-    v16splat,
-    v16store_bf16,
-    v16zero,
-    vsum16x16_halves,
-)
 
 FEATURES_PER_ITEM = 16  # output features per work item handed to a thread
 LANES = 8  # K is walked eight elements at a time: it must be a multiple of this
-WIDE_FEATURES = WIDE_LANES = 16  # `_int8_rows_torch_order`: features a pass, K a step
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
@@ -123,91 +113,6 @@ def _int8_matvec(x, qweight, scale, out):
                 out[0, n + j] = vlane(sums, j) * scale[n + j]
 
 
-@njit(parallel=True, nogil=True, error_model="numpy", cache=True)
-def _int8_rows_torch_order(x, qweight, scale, out):
-    """out = x @ (qweight * scale).T, x and out bfloat16 bits (uint16), with each output's bits
-    as torch's AVX-512 `_weight_int8pack_mm` gives them: the weight widened and multiplied by
-    its row's scale, sixteen lane-wise FMA chains over K, the lanes added by halves
-    (`_mm512_reduce_add_ps`), rounded to bfloat16 (to nearest, ties to even). K a multiple of 16.
-
-    Sixteen features a pass, each row of x in turn over the same sixteen weight rows (they
-    stay in L1), the next group's weights prefetched as these are read."""
-    rows, k_dim = x.shape
-    features = qweight.shape[0]
-    xf, wf = x.ravel(), qweight.ravel()
-    last = wf.size - 1
-    for item in prange((features + WIDE_FEATURES - 1) // WIDE_FEATURES):
-        n = item * WIDE_FEATURES
-        # a short last group repeats its last feature (computed, not stored)
-        f0 = min(n + 0, features - 1)
-        f1 = min(n + 1, features - 1)
-        f2 = min(n + 2, features - 1)
-        f3 = min(n + 3, features - 1)
-        f4 = min(n + 4, features - 1)
-        f5 = min(n + 5, features - 1)
-        f6 = min(n + 6, features - 1)
-        f7 = min(n + 7, features - 1)
-        f8 = min(n + 8, features - 1)
-        f9 = min(n + 9, features - 1)
-        f10 = min(n + 10, features - 1)
-        f11 = min(n + 11, features - 1)
-        f12 = min(n + 12, features - 1)
-        f13 = min(n + 13, features - 1)
-        f14 = min(n + 14, features - 1)
-        f15 = min(n + 15, features - 1)
-        w0, w1, w2, w3 = f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim
-        w4, w5, w6, w7 = f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim
-        w8, w9, w10, w11 = f8 * k_dim, f9 * k_dim, f10 * k_dim, f11 * k_dim
-        w12, w13, w14, w15 = f12 * k_dim, f13 * k_dim, f14 * k_dim, f15 * k_dim
-        s0, s1 = v16splat(scale[f0]), v16splat(scale[f1])
-        s2, s3 = v16splat(scale[f2]), v16splat(scale[f3])
-        s4, s5 = v16splat(scale[f4]), v16splat(scale[f5])
-        s6, s7 = v16splat(scale[f6]), v16splat(scale[f7])
-        s8, s9 = v16splat(scale[f8]), v16splat(scale[f9])
-        s10, s11 = v16splat(scale[f10]), v16splat(scale[f11])
-        s12, s13 = v16splat(scale[f12]), v16splat(scale[f13])
-        s14, s15 = v16splat(scale[f14]), v16splat(scale[f15])
-        ahead = (n + WIDE_FEATURES) * k_dim  # the next group's rows, one contiguous run
-        for m in range(rows):
-            x0 = m * k_dim
-            a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
-            a4, a5, a6, a7 = v16zero(), v16zero(), v16zero(), v16zero()
-            a8, a9, a10, a11 = v16zero(), v16zero(), v16zero(), v16zero()
-            a12, a13, a14, a15 = v16zero(), v16zero(), v16zero(), v16zero()
-            for k in range(0, k_dim, WIDE_LANES):
-                if m == 0:  # 256 bytes of the next group per 256 bytes of this one
-                    step = ahead + WIDE_FEATURES * k
-                    for line in range(0, 256, 64):
-                        prefetch(wf, min(step + line, last))
-                u = v16load_bf16(xf, x0 + k)
-                a0 = v16fma(u, v16mul(v16load_i8(wf, w0 + k), s0), a0)
-                a1 = v16fma(u, v16mul(v16load_i8(wf, w1 + k), s1), a1)
-                a2 = v16fma(u, v16mul(v16load_i8(wf, w2 + k), s2), a2)
-                a3 = v16fma(u, v16mul(v16load_i8(wf, w3 + k), s3), a3)
-                a4 = v16fma(u, v16mul(v16load_i8(wf, w4 + k), s4), a4)
-                a5 = v16fma(u, v16mul(v16load_i8(wf, w5 + k), s5), a5)
-                a6 = v16fma(u, v16mul(v16load_i8(wf, w6 + k), s6), a6)
-                a7 = v16fma(u, v16mul(v16load_i8(wf, w7 + k), s7), a7)
-                a8 = v16fma(u, v16mul(v16load_i8(wf, w8 + k), s8), a8)
-                a9 = v16fma(u, v16mul(v16load_i8(wf, w9 + k), s9), a9)
-                a10 = v16fma(u, v16mul(v16load_i8(wf, w10 + k), s10), a10)
-                a11 = v16fma(u, v16mul(v16load_i8(wf, w11 + k), s11), a11)
-                a12 = v16fma(u, v16mul(v16load_i8(wf, w12 + k), s12), a12)
-                a13 = v16fma(u, v16mul(v16load_i8(wf, w13 + k), s13), a13)
-                a14 = v16fma(u, v16mul(v16load_i8(wf, w14 + k), s14), a14)
-                a15 = v16fma(u, v16mul(v16load_i8(wf, w15 + k), s15), a15)
-            sums = vsum16x16_halves(
-                a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
-            )
-            if n + WIDE_FEATURES <= features:
-                v16store_bf16(out.ravel(), m * features + n, sums)
-            else:
-                spill = np.empty(WIDE_FEATURES, dtype=np.uint16)
-                v16store_bf16(spill, 0, sums)
-                for j in range(features - n):
-                    out[m, n + j] = spill[j]
-
-
 class Int8Weight:
     """An int8 weight [N, K] and its scales [N] as the kernels take them, checked and converted
     once: a one-row decode step makes ~120 matmuls, and doing both on every call cost ~15-20 us
@@ -229,7 +134,7 @@ class Int8Weight:
         self.qweight, self.scale = qweight, scale
         self.weight_array = qweight.detach().contiguous().numpy()
         self.scale_array = _float32_numpy(scale)
-        # whether `one_row_as_torch` gives torch's bits here: its AVX-512 kernel is the one
+        # whether `matmul_as_torch` gives torch's bits here: its AVX-512 kernel is the one
         # whose bits to give, it takes the scales in x's dtype (bfloat16), K in steps of 16
         self.rows_as_torch = (
             TORCH_INT8_VECTORISED
@@ -253,20 +158,10 @@ class Int8Weight:
         result = torch.from_numpy(out)
         return result if x.dtype == torch.float32 else result.to(x.dtype)
 
-    def one_row_as_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's `_weight_int8pack_mm(x, qweight, scale)` for one bfloat16 row x [1, K] where
-        `rows_as_torch`, bit for bit and ~1.3x faster: a decode step of one sequence reads
-        every weight through it (121 matmuls of the default model: 4.5 -> 3.6 ms, 2-core
-        AVX-512 EPYC), and rows in batches keep torch's kernel, whose bits these are."""
-        out = np.empty((1, self.weight_array.shape[0]), dtype=np.uint16)
-        with numba_threads_as_torch():
-            _int8_rows_torch_order(
-                x.contiguous().view(torch.uint16).numpy(),
-                self.weight_array,
-                self.scale_array,
-                out,
-            )
-        return torch.from_numpy(out).view(torch.bfloat16)
+    def matmul_as_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's `_weight_int8pack_mm(x, qweight, scale)` for bfloat16 rows x [M, K] where
+        `rows_as_torch`, bit for bit (`cpu_int8_torch_order`), faster for few rows."""
+        return matmul_as_torch(x, self.weight_array, self.scale_array)
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

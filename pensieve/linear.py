@@ -5,8 +5,8 @@
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
-  torch's int8 matmul where it is vectorised (AVX-512; one bfloat16 row by `cpu_int8`'s copy of
-  its bits, faster), by `kernels/cpu_int8.py` elsewhere.
+  torch's int8 matmul where it is vectorised (AVX-512; a few bfloat16 rows by
+  `cpu_int8_torch_order`'s copy of its bits, faster), by `kernels/cpu_int8.py` elsewhere.
 - `tile_rows` > 0 runs the rows in fixed tiles (set by `batch_invariant` where needed).
 The dense `weight` stays the source of truth (state dict, tied embeddings, fingerprints).
 """
@@ -24,6 +24,7 @@ from pensieve.kernels.cpu_int8 import (
     Int8Weight,
     fits_int8_matmul,
 )
+from pensieve.kernels.cpu_int8_torch_order import FASTER_UP_TO_ROWS
 
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
 
@@ -54,15 +55,16 @@ class Linear(nn.Linear):
 
     def int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ (qweight * qscale).T: torch's int8 matmul where it is vectorised (one bfloat16
-        row through `cpu_int8`'s copy of its bits), `cpu_int8`'s kernels elsewhere."""
+        rows through `cpu_int8_torch_order`'s copy of its bits), `cpu_int8`'s kernels elsewhere."""
         qweight = self.qweight
         if not fits_int8_matmul(qweight):
             return torch._weight_int8pack_mm(x, qweight, self.qscale.to(x.dtype))
         prepared = self.prepared_int8()
         if not TORCH_INT8_VECTORISED:
             return prepared.matmul(x)
-        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and prepared.rows_as_torch:
-            return prepared.one_row_as_torch(x)
+        few = x.shape[0] <= FASTER_UP_TO_ROWS
+        if few and x.dtype == torch.bfloat16 and prepared.rows_as_torch:
+            return prepared.matmul_as_torch(x)
         return torch._weight_int8pack_mm(x, qweight, self.qscale.to(x.dtype))
 
     def prepared_int8(self) -> Int8Weight:

@@ -75,10 +75,12 @@ needs_torch_avx512_int8 = pytest.mark.skipif(
 
 
 @needs_torch_avx512_int8
-@pytest.mark.parametrize(("features", "k_dim"), [(960, 576), (576, 1536), (7, 16), (100, 64)])
+@pytest.mark.parametrize(
+    ("features", "k_dim"), [(960, 576), (576, 1536), (7, 16), (100, 64), (13, 32)]
+)
 def test_one_bfloat16_row_gets_torchs_int8_bits(features: int, k_dim: int) -> None:
-    """`one_row_as_torch` is torch's `_weight_int8pack_mm` bit for bit (a short last group of
-    sixteen features too), so a decode row of one sequence has the bits it has in a batch."""
+    """`matmul_as_torch` is torch's `_weight_int8pack_mm` bit for bit (short last feature
+    groups and an odd last row too), so a few decode rows have the bits they have in a batch."""
     gen = torch.Generator().manual_seed(features + k_dim)
     q, scale = quantize_rows_int8(torch.randn(features, k_dim, generator=gen) / 20)
     scale = scale.to(torch.bfloat16)
@@ -86,10 +88,9 @@ def test_one_bfloat16_row_gets_torchs_int8_bits(features: int, k_dim: int) -> No
     batch = torch._weight_int8pack_mm(x, q, scale)
     prepared = Int8Weight(q, scale)
     assert prepared.rows_as_torch
-    for i in range(5):
-        row = x[i : i + 1]
-        got = prepared.one_row_as_torch(row)
-        assert torch.equal(got.view(torch.int16), batch[i : i + 1].view(torch.int16))
+    for lo, hi in [(0, 1), (4, 5), (0, 2), (1, 4), (0, 5)]:
+        got = prepared.matmul_as_torch(x[lo:hi])
+        assert torch.equal(got.view(torch.int16), batch[lo:hi].view(torch.int16))
 
 
 @needs_torch_avx512_int8
@@ -97,12 +98,10 @@ def test_an_int8_bfloat16_linear_gives_a_row_alone_its_bits_in_a_batch() -> None
     layer = Linear(576, 200, bias=False).to(torch.bfloat16)
     quantize_int8(torch.nn.Sequential(layer))
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    whole = layer(x)  # a batch runs torch's kernel, one row `one_row_as_torch`
+    whole = layer(x)  # a batch runs torch's kernel, a few rows `matmul_as_torch`
     assert layer.prepared_int8().rows_as_torch
-    for i in range(9):
-        assert torch.equal(
-            layer(x[i : i + 1]).view(torch.int16), whole[i : i + 1].view(torch.int16)
-        )
+    for lo, hi in [(i, i + 1) for i in range(9)] + [(0, 2), (2, 5), (5, 9)]:
+        assert torch.equal(layer(x[lo:hi]).view(torch.int16), whole[lo:hi].view(torch.int16))
     # a strided row too (its contiguous copy goes to the kernel)
     strided = torch.stack([x, x], dim=2)[:1, :, 0]
     assert not strided.is_contiguous()
