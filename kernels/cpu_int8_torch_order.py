@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .cpu_threads import numba_threads_as_torch
 from .simd import prefetch
@@ -127,7 +127,7 @@ def _one_row_at_a_time(x, qweight, scale, out):
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
-def _row_pairs(x, qweight, scale, out):
+def _row_pairs(x, qweight, scale, out, threads):
     """`_one_row_at_a_time`'s sums for two rows at once (the same bits): eight features a
     pass, each weight vector widened and scaled once for both rows, where one row at a time
     does both per row. An odd last row pairs with itself (computed twice, stored once)."""
@@ -135,61 +135,70 @@ def _row_pairs(x, qweight, scale, out):
     features = qweight.shape[0]
     xf, wf = x.ravel(), qweight.ravel()
     last = wf.size - 1
-    for item in prange((features + PAIR_FEATURES - 1) // PAIR_FEATURES):
-        n = item * PAIR_FEATURES
-        # a short last group repeats its last feature (computed, not stored)
-        f0 = min(n + 0, features - 1)
-        f1 = min(n + 1, features - 1)
-        f2 = min(n + 2, features - 1)
-        f3 = min(n + 3, features - 1)
-        f4 = min(n + 4, features - 1)
-        f5 = min(n + 5, features - 1)
-        f6 = min(n + 6, features - 1)
-        f7 = min(n + 7, features - 1)
-        w0, w1, w2, w3 = f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim
-        w4, w5, w6, w7 = f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim
-        s0, s1 = v16splat(scale[f0]), v16splat(scale[f1])
-        s2, s3 = v16splat(scale[f2]), v16splat(scale[f3])
-        s4, s5 = v16splat(scale[f4]), v16splat(scale[f5])
-        s6, s7 = v16splat(scale[f6]), v16splat(scale[f7])
-        ahead = (n + PAIR_FEATURES) * k_dim  # the next group's rows, one contiguous run
-        spill = np.empty(2 * PAIR_FEATURES, dtype=np.uint16)
-        stored = min(PAIR_FEATURES, features - n)
-        for m in range(0, rows, 2):
-            x0, x1 = m * k_dim, min(m + 1, rows - 1) * k_dim
-            a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
-            a4, a5, a6, a7 = v16zero(), v16zero(), v16zero(), v16zero()
-            b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
-            b4, b5, b6, b7 = v16zero(), v16zero(), v16zero(), v16zero()
-            for k in range(0, k_dim, WIDE_LANES):
-                if m == 0:  # 128 bytes of the next group per 128 bytes of this one
-                    step = ahead + PAIR_FEATURES * k
-                    prefetch(wf, min(step, last))
-                    prefetch(wf, min(step + 64, last))
-                u, v = v16load_bf16(xf, x0 + k), v16load_bf16(xf, x1 + k)
-                q = v16mul(v16load_i8(wf, w0 + k), s0)
-                a0, b0 = v16fma(u, q, a0), v16fma(v, q, b0)
-                q = v16mul(v16load_i8(wf, w1 + k), s1)
-                a1, b1 = v16fma(u, q, a1), v16fma(v, q, b1)
-                q = v16mul(v16load_i8(wf, w2 + k), s2)
-                a2, b2 = v16fma(u, q, a2), v16fma(v, q, b2)
-                q = v16mul(v16load_i8(wf, w3 + k), s3)
-                a3, b3 = v16fma(u, q, a3), v16fma(v, q, b3)
-                q = v16mul(v16load_i8(wf, w4 + k), s4)
-                a4, b4 = v16fma(u, q, a4), v16fma(v, q, b4)
-                q = v16mul(v16load_i8(wf, w5 + k), s5)
-                a5, b5 = v16fma(u, q, a5), v16fma(v, q, b5)
-                q = v16mul(v16load_i8(wf, w6 + k), s6)
-                a6, b6 = v16fma(u, q, a6), v16fma(v, q, b6)
-                q = v16mul(v16load_i8(wf, w7 + k), s7)
-                a7, b7 = v16fma(u, q, a7), v16fma(v, q, b7)
-            # lanes 0-7: row m's eight features, lanes 8-15: row m + 1's
-            sums = vsum16x16_halves(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7)
-            v16store_bf16(spill, 0, sums)
-            for j in range(stored):
-                out[m, n + j] = spill[j]
-                if m + 1 < rows:
-                    out[m + 1, n + j] = spill[PAIR_FEATURES + j]
+    items = (features + PAIR_FEATURES - 1) // PAIR_FEATURES
+    lanes = min(threads, items)
+    # one prange iteration per thread (`threads`: Numba's count, passed in: get_num_threads
+    # called here would keep the kernel out of Numba's cache), each over a contiguous share of
+    # the items, so a thread's scratch is allocated once a call, not once an item
+    scratch = np.empty((lanes, 2 * PAIR_FEATURES), dtype=np.uint16)
+    for lane in prange(lanes):
+        spill = scratch[lane]
+        for item in range(lane * items // lanes, (lane + 1) * items // lanes):
+            n = item * PAIR_FEATURES
+            # a short last group repeats its last feature (computed, not stored)
+            f0 = min(n + 0, features - 1)
+            f1 = min(n + 1, features - 1)
+            f2 = min(n + 2, features - 1)
+            f3 = min(n + 3, features - 1)
+            f4 = min(n + 4, features - 1)
+            f5 = min(n + 5, features - 1)
+            f6 = min(n + 6, features - 1)
+            f7 = min(n + 7, features - 1)
+            w0, w1, w2, w3 = f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim
+            w4, w5, w6, w7 = f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim
+            s0, s1 = v16splat(scale[f0]), v16splat(scale[f1])
+            s2, s3 = v16splat(scale[f2]), v16splat(scale[f3])
+            s4, s5 = v16splat(scale[f4]), v16splat(scale[f5])
+            s6, s7 = v16splat(scale[f6]), v16splat(scale[f7])
+            ahead = (n + PAIR_FEATURES) * k_dim  # the next group's rows, one contiguous run
+            stored = min(PAIR_FEATURES, features - n)
+            for m in range(0, rows, 2):
+                x0, x1 = m * k_dim, min(m + 1, rows - 1) * k_dim
+                a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
+                a4, a5, a6, a7 = v16zero(), v16zero(), v16zero(), v16zero()
+                b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
+                b4, b5, b6, b7 = v16zero(), v16zero(), v16zero(), v16zero()
+                for k in range(0, k_dim, WIDE_LANES):
+                    if m == 0:  # 128 bytes of the next group per 128 bytes of this one
+                        step = ahead + PAIR_FEATURES * k
+                        prefetch(wf, min(step, last))
+                        prefetch(wf, min(step + 64, last))
+                    u, v = v16load_bf16(xf, x0 + k), v16load_bf16(xf, x1 + k)
+                    q = v16mul(v16load_i8(wf, w0 + k), s0)
+                    a0, b0 = v16fma(u, q, a0), v16fma(v, q, b0)
+                    q = v16mul(v16load_i8(wf, w1 + k), s1)
+                    a1, b1 = v16fma(u, q, a1), v16fma(v, q, b1)
+                    q = v16mul(v16load_i8(wf, w2 + k), s2)
+                    a2, b2 = v16fma(u, q, a2), v16fma(v, q, b2)
+                    q = v16mul(v16load_i8(wf, w3 + k), s3)
+                    a3, b3 = v16fma(u, q, a3), v16fma(v, q, b3)
+                    q = v16mul(v16load_i8(wf, w4 + k), s4)
+                    a4, b4 = v16fma(u, q, a4), v16fma(v, q, b4)
+                    q = v16mul(v16load_i8(wf, w5 + k), s5)
+                    a5, b5 = v16fma(u, q, a5), v16fma(v, q, b5)
+                    q = v16mul(v16load_i8(wf, w6 + k), s6)
+                    a6, b6 = v16fma(u, q, a6), v16fma(v, q, b6)
+                    q = v16mul(v16load_i8(wf, w7 + k), s7)
+                    a7, b7 = v16fma(u, q, a7), v16fma(v, q, b7)
+                # lanes 0-7: row m's eight features, lanes 8-15: row m + 1's
+                sums = vsum16x16_halves(
+                    a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
+                )
+                v16store_bf16(spill, 0, sums)
+                for j in range(stored):
+                    out[m, n + j] = spill[j]
+                    if m + 1 < rows:
+                        out[m + 1, n + j] = spill[PAIR_FEATURES + j]
 
 
 def matmul_as_torch(x: torch.Tensor, qweight: np.ndarray, scale: np.ndarray) -> torch.Tensor:
@@ -197,8 +206,10 @@ def matmul_as_torch(x: torch.Tensor, qweight: np.ndarray, scale: np.ndarray) -> 
     [M, N] bfloat16, with the bits of torch's `_weight_int8pack_mm(x, qweight, scale)`. K a
     multiple of 16."""
     out = np.empty((x.shape[0], qweight.shape[0]), dtype=np.uint16)
-    if x.shape[0]:
-        kernel = _one_row_at_a_time if x.shape[0] == 1 else _row_pairs
-        with numba_threads_as_torch():
-            kernel(x.contiguous().view(torch.uint16).numpy(), qweight, scale, out)
+    bits = x.contiguous().view(torch.uint16).numpy()
+    with numba_threads_as_torch():
+        if x.shape[0] == 1:
+            _one_row_at_a_time(bits, qweight, scale, out)
+        elif x.shape[0]:
+            _row_pairs(bits, qweight, scale, out, get_num_threads())
     return torch.from_numpy(out).view(torch.bfloat16)
