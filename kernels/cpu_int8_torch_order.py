@@ -41,89 +41,79 @@ PAIR_FEATURES = 8  # features a pass of `_row_pairs` (two rows: sixteen accumula
 FASTER_UP_TO_ROWS = 2
 
 
+@njit(error_model="numpy", cache=True)  # a call LLVM inlines (Numba's inlining trips parfors)
+def _eight_features(n, features, k_dim, scale):
+    """Where features n..n+7 start in the flat weight, and their scales as vectors. Past the
+    last feature the last one repeats (computed, not stored), so a short last group needs no
+    branch in the loop over K."""
+    f0, f1 = min(n, features - 1), min(n + 1, features - 1)
+    f2, f3 = min(n + 2, features - 1), min(n + 3, features - 1)
+    f4, f5 = min(n + 4, features - 1), min(n + 5, features - 1)
+    f6, f7 = min(n + 6, features - 1), min(n + 7, features - 1)
+    starts = (f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim,
+              f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim)  # fmt: skip
+    scales = (v16splat(scale[f0]), v16splat(scale[f1]), v16splat(scale[f2]),
+              v16splat(scale[f3]), v16splat(scale[f4]), v16splat(scale[f5]),
+              v16splat(scale[f6]), v16splat(scale[f7]))  # fmt: skip
+    return starts, scales
+
+
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def _one_row_at_a_time(x, qweight, scale, out):
-    """out = x @ (qweight * scale).T, x and out bfloat16 bits (uint16), with each output's bits
-    as torch's AVX-512 `_weight_int8pack_mm` gives them: the weight widened and multiplied by
-    its row's scale, sixteen lane-wise FMA chains over K, the lanes added by halves
-    (`_mm512_reduce_add_ps`), rounded to bfloat16 (to nearest, ties to even). K a multiple of 16.
-
-    Sixteen features a pass, each row of x in turn over the same sixteen weight rows (they
-    stay in L1), the next group's weights prefetched as these are read: for one row."""
-    rows, k_dim = x.shape
+    """out = x @ (qweight * scale).T for one row, x [1, K] and out [1, N] bfloat16 bits
+    (uint16), with each output's bits as torch's AVX-512 `_weight_int8pack_mm` gives them: the
+    weight widened and multiplied by its row's scale, sixteen lane-wise FMA chains over K, the
+    lanes added by halves (`_mm512_reduce_add_ps`), rounded to bfloat16 (to nearest, ties to
+    even). K a multiple of 16. Sixteen features a pass, the next group's weights prefetched as
+    these are read."""
+    k_dim = x.shape[1]
     features = qweight.shape[0]
-    xf, wf = x.ravel(), qweight.ravel()
+    xf, wf, of = x.ravel(), qweight.ravel(), out.ravel()
     last = wf.size - 1
     for item in prange((features + ONE_ROW_FEATURES - 1) // ONE_ROW_FEATURES):
         n = item * ONE_ROW_FEATURES
-        # a short last group repeats its last feature (computed, not stored)
-        f0 = min(n + 0, features - 1)
-        f1 = min(n + 1, features - 1)
-        f2 = min(n + 2, features - 1)
-        f3 = min(n + 3, features - 1)
-        f4 = min(n + 4, features - 1)
-        f5 = min(n + 5, features - 1)
-        f6 = min(n + 6, features - 1)
-        f7 = min(n + 7, features - 1)
-        f8 = min(n + 8, features - 1)
-        f9 = min(n + 9, features - 1)
-        f10 = min(n + 10, features - 1)
-        f11 = min(n + 11, features - 1)
-        f12 = min(n + 12, features - 1)
-        f13 = min(n + 13, features - 1)
-        f14 = min(n + 14, features - 1)
-        f15 = min(n + 15, features - 1)
-        w0, w1, w2, w3 = f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim
-        w4, w5, w6, w7 = f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim
-        w8, w9, w10, w11 = f8 * k_dim, f9 * k_dim, f10 * k_dim, f11 * k_dim
-        w12, w13, w14, w15 = f12 * k_dim, f13 * k_dim, f14 * k_dim, f15 * k_dim
-        s0, s1 = v16splat(scale[f0]), v16splat(scale[f1])
-        s2, s3 = v16splat(scale[f2]), v16splat(scale[f3])
-        s4, s5 = v16splat(scale[f4]), v16splat(scale[f5])
-        s6, s7 = v16splat(scale[f6]), v16splat(scale[f7])
-        s8, s9 = v16splat(scale[f8]), v16splat(scale[f9])
-        s10, s11 = v16splat(scale[f10]), v16splat(scale[f11])
-        s12, s13 = v16splat(scale[f12]), v16splat(scale[f13])
-        s14, s15 = v16splat(scale[f14]), v16splat(scale[f15])
+        (w0, w1, w2, w3, w4, w5, w6, w7), (s0, s1, s2, s3, s4, s5, s6, s7) = _eight_features(
+            n, features, k_dim, scale
+        )
+        (w8, w9, w10, w11, w12, w13, w14, w15), (s8, s9, s10, s11, s12, s13, s14, s15) = (
+            _eight_features(n + 8, features, k_dim, scale)
+        )
         ahead = (n + ONE_ROW_FEATURES) * k_dim  # the next group's rows, one contiguous run
-        for m in range(rows):
-            x0 = m * k_dim
-            a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
-            a4, a5, a6, a7 = v16zero(), v16zero(), v16zero(), v16zero()
-            a8, a9, a10, a11 = v16zero(), v16zero(), v16zero(), v16zero()
-            a12, a13, a14, a15 = v16zero(), v16zero(), v16zero(), v16zero()
-            for k in range(0, k_dim, WIDE_LANES):
-                if m == 0:  # 256 bytes of the next group per 256 bytes of this one
-                    step = ahead + ONE_ROW_FEATURES * k
-                    for line in range(0, 256, 64):
-                        prefetch(wf, min(step + line, last))
-                u = v16load_bf16(xf, x0 + k)
-                a0 = v16fma(u, v16mul(v16load_i8(wf, w0 + k), s0), a0)
-                a1 = v16fma(u, v16mul(v16load_i8(wf, w1 + k), s1), a1)
-                a2 = v16fma(u, v16mul(v16load_i8(wf, w2 + k), s2), a2)
-                a3 = v16fma(u, v16mul(v16load_i8(wf, w3 + k), s3), a3)
-                a4 = v16fma(u, v16mul(v16load_i8(wf, w4 + k), s4), a4)
-                a5 = v16fma(u, v16mul(v16load_i8(wf, w5 + k), s5), a5)
-                a6 = v16fma(u, v16mul(v16load_i8(wf, w6 + k), s6), a6)
-                a7 = v16fma(u, v16mul(v16load_i8(wf, w7 + k), s7), a7)
-                a8 = v16fma(u, v16mul(v16load_i8(wf, w8 + k), s8), a8)
-                a9 = v16fma(u, v16mul(v16load_i8(wf, w9 + k), s9), a9)
-                a10 = v16fma(u, v16mul(v16load_i8(wf, w10 + k), s10), a10)
-                a11 = v16fma(u, v16mul(v16load_i8(wf, w11 + k), s11), a11)
-                a12 = v16fma(u, v16mul(v16load_i8(wf, w12 + k), s12), a12)
-                a13 = v16fma(u, v16mul(v16load_i8(wf, w13 + k), s13), a13)
-                a14 = v16fma(u, v16mul(v16load_i8(wf, w14 + k), s14), a14)
-                a15 = v16fma(u, v16mul(v16load_i8(wf, w15 + k), s15), a15)
-            sums = vsum16x16_halves(
-                a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
-            )
-            if n + ONE_ROW_FEATURES <= features:
-                v16store_bf16(out.ravel(), m * features + n, sums)
-            else:
-                spill = np.empty(ONE_ROW_FEATURES, dtype=np.uint16)
-                v16store_bf16(spill, 0, sums)
-                for j in range(features - n):
-                    out[m, n + j] = spill[j]
+        a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
+        a4, a5, a6, a7 = v16zero(), v16zero(), v16zero(), v16zero()
+        a8, a9, a10, a11 = v16zero(), v16zero(), v16zero(), v16zero()
+        a12, a13, a14, a15 = v16zero(), v16zero(), v16zero(), v16zero()
+        for k in range(0, k_dim, WIDE_LANES):
+            step = ahead + ONE_ROW_FEATURES * k  # 256 bytes of the next group per 256 of this
+            for line in range(0, 256, 64):
+                prefetch(wf, min(step + line, last))
+            u = v16load_bf16(xf, k)
+            a0 = v16fma(u, v16mul(v16load_i8(wf, w0 + k), s0), a0)
+            a1 = v16fma(u, v16mul(v16load_i8(wf, w1 + k), s1), a1)
+            a2 = v16fma(u, v16mul(v16load_i8(wf, w2 + k), s2), a2)
+            a3 = v16fma(u, v16mul(v16load_i8(wf, w3 + k), s3), a3)
+            a4 = v16fma(u, v16mul(v16load_i8(wf, w4 + k), s4), a4)
+            a5 = v16fma(u, v16mul(v16load_i8(wf, w5 + k), s5), a5)
+            a6 = v16fma(u, v16mul(v16load_i8(wf, w6 + k), s6), a6)
+            a7 = v16fma(u, v16mul(v16load_i8(wf, w7 + k), s7), a7)
+            a8 = v16fma(u, v16mul(v16load_i8(wf, w8 + k), s8), a8)
+            a9 = v16fma(u, v16mul(v16load_i8(wf, w9 + k), s9), a9)
+            a10 = v16fma(u, v16mul(v16load_i8(wf, w10 + k), s10), a10)
+            a11 = v16fma(u, v16mul(v16load_i8(wf, w11 + k), s11), a11)
+            a12 = v16fma(u, v16mul(v16load_i8(wf, w12 + k), s12), a12)
+            a13 = v16fma(u, v16mul(v16load_i8(wf, w13 + k), s13), a13)
+            a14 = v16fma(u, v16mul(v16load_i8(wf, w14 + k), s14), a14)
+            a15 = v16fma(u, v16mul(v16load_i8(wf, w15 + k), s15), a15)
+        sums = vsum16x16_halves(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
+        )
+        if n + ONE_ROW_FEATURES <= features:
+            v16store_bf16(of, n, sums)
+        else:
+            spill = np.empty(ONE_ROW_FEATURES, dtype=np.uint16)  # once a call: the last group
+            v16store_bf16(spill, 0, sums)
+            for j in range(features - n):
+                of[n + j] = spill[j]
 
 
 @njit(parallel=True, nogil=True, error_model="numpy", cache=True)
@@ -145,21 +135,9 @@ def _row_pairs(x, qweight, scale, out, threads):
         spill = scratch[lane]
         for item in range(lane * items // lanes, (lane + 1) * items // lanes):
             n = item * PAIR_FEATURES
-            # a short last group repeats its last feature (computed, not stored)
-            f0 = min(n + 0, features - 1)
-            f1 = min(n + 1, features - 1)
-            f2 = min(n + 2, features - 1)
-            f3 = min(n + 3, features - 1)
-            f4 = min(n + 4, features - 1)
-            f5 = min(n + 5, features - 1)
-            f6 = min(n + 6, features - 1)
-            f7 = min(n + 7, features - 1)
-            w0, w1, w2, w3 = f0 * k_dim, f1 * k_dim, f2 * k_dim, f3 * k_dim
-            w4, w5, w6, w7 = f4 * k_dim, f5 * k_dim, f6 * k_dim, f7 * k_dim
-            s0, s1 = v16splat(scale[f0]), v16splat(scale[f1])
-            s2, s3 = v16splat(scale[f2]), v16splat(scale[f3])
-            s4, s5 = v16splat(scale[f4]), v16splat(scale[f5])
-            s6, s7 = v16splat(scale[f6]), v16splat(scale[f7])
+            (w0, w1, w2, w3, w4, w5, w6, w7), (s0, s1, s2, s3, s4, s5, s6, s7) = _eight_features(
+                n, features, k_dim, scale
+            )
             ahead = (n + PAIR_FEATURES) * k_dim  # the next group's rows, one contiguous run
             stored = min(PAIR_FEATURES, features - n)
             for m in range(0, rows, 2):

@@ -211,6 +211,33 @@ def vdot_bf16(typingctx, acc, a, fa, b, fb):
     return f32x16(f32x16, a, types.intp, b, types.intp), codegen
 
 
+def _lane_pairs(width: int, vector_major: bool) -> tuple[list[int], list[int]]:
+    """Shuffle masks over two vectors (a: lanes 0-15, b: 16-31) that pair each lane of a block
+    of 2 * width with the lane `width` above it: the blocks of a then of b (`vector_major`), or
+    each block of a followed by the same block of b."""
+    starts = [(base, j) for j in range(0, LANES, 2 * width) for base in (0, LANES)]
+    if vector_major:
+        starts.sort()
+    low, high = [], []
+    for base, j in starts:
+        low += range(base + j, base + j + width)
+        high += range(base + j + width, base + j + 2 * width)
+    return low, high
+
+
+def _lane_sums(builder, vectors, widths, vector_major: bool):
+    """Sixteen vectors' lane sums as one vector (lane k: vector k's), a transpose-and-add tree
+    whose levels pair lanes `widths` apart, the order every lane is added in."""
+    parts = list(vectors)
+    for width in widths:
+        low, high = _lane_pairs(width, vector_major)
+        parts = [
+            _pair_sum(builder, parts[2 * k], parts[2 * k + 1], low, high)
+            for k in range(len(parts) // 2)
+        ]
+    return parts[0]
+
+
 @intrinsic
 def vsum16x16(typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15):
     """The lane sums of sixteen vectors as one: lane k = the sum of t_k's lanes, added in a
@@ -220,20 +247,8 @@ def vsum16x16(typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, 
         return None
 
     def codegen(context, builder, sig, args):
-        parts, width = list(args), 1
-        while len(parts) > 1:
-            # pairs (a, b): blocks 2j of a then b, plus blocks 2j + 1 of a then b
-            low, high = [], []
-            for j in range(0, LANES, 2 * width):
-                for base in (0, LANES):
-                    low += range(base + j, base + j + width)
-                    high += range(base + j + width, base + j + 2 * width)
-            parts = [
-                _pair_sum(builder, parts[2 * k], parts[2 * k + 1], low, high)
-                for k in range(len(parts) // 2)
-            ]
-            width *= 2
-        return parts[0]
+        # pairs (a, b): blocks 2j of a then b, plus blocks 2j + 1 of a then b
+        return _lane_sums(builder, args, (1, 2, 4, 8), vector_major=False)
 
     return f32x16(*vectors), codegen
 
@@ -249,20 +264,8 @@ def vsum16x16_halves(
         return None
 
     def codegen(context, builder, sig, args):
-        parts, width = list(args), LANES // 2
-        while len(parts) > 1:
-            # pairs (a, b): the low halves of a's blocks of 2 * width, then b's; likewise high
-            low, high = [], []
-            for base in (0, LANES):
-                for j in range(0, LANES, 2 * width):
-                    low += range(base + j, base + j + width)
-                    high += range(base + j + width, base + j + 2 * width)
-            parts = [
-                _pair_sum(builder, parts[2 * k], parts[2 * k + 1], low, high)
-                for k in range(len(parts) // 2)
-            ]
-            width //= 2
-        return parts[0]
+        # pairs (a, b): the low halves of a's blocks of 2 * width, then b's; likewise high
+        return _lane_sums(builder, args, (8, 4, 2, 1), vector_major=True)
 
     return f32x16(*vectors), codegen
 
