@@ -11,7 +11,8 @@ for what this instruction set offers:
   L1: each V element is widened once per head, not once per row;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
 - the next key tile prefetched one row at a time while this tile's V is widened, not in one
-  burst per block as in `cpu_tiles` (faster from DRAM on AMD Zen 5, no change on Intel);
+  burst per block as in `cpu_tiles` (faster from DRAM on AMD Zen 5, no change on Intel), and
+  into L2 only (faster on AMD Zen 4, whose L1 the next tiles overflowed);
 - everything else as in `cpu_tiles` (items over the cores).
 A row's sums run in one order wherever the row sits in the batch, as there (`deterministic`).
 Compiled only where the CPU has `avx512_bf16` (`simd512.has_avx512_bf16`); elsewhere
@@ -24,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .cpu_tiles import _NEG, _exp2
-from .simd import prefetch
+from .simd import prefetch_l2
 from .simd512 import (
     v16add,
     v16exp2,
@@ -141,7 +142,9 @@ def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases):
     next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
     `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
     read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
-    at a time")."""
+    at a time"). Into L2, not L1 (`prefetch_l2`): the next tile of every KV head (48 KB at
+    head dim 64 and 3 KV heads) evicted the current one from a 32 KB L1 (Zen 4: decode of 24
+    rows from DRAM 0.77 -> 0.54 ms a layer; from L3 0.33 -> 0.28; "L2 prefetch" there)."""
     for g in range(0, n, 16):
         vb = bases[g // 16]
         ahead = start + g + KEY_TILE
@@ -149,8 +152,8 @@ def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases):
         for j in range(min(16, n - g)):
             if ahead + j < kmax:
                 for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
-                    prefetch(kc, ab + j * ks + e)
-                    prefetch(vc, ab + j * ks + e)
+                    prefetch_l2(kc, ab + j * ks + e)
+                    prefetch_l2(vc, ab + j * ks + e)
             for e in range(0, d, 16):
                 v16store(vs, (g + j) * d + e, v16load_bf16(vc, vb + j * ks + e))
 

@@ -88,26 +88,40 @@ vload_f16 = _vector_load(types.int16, ir.IntType(16), _float16_bits)
 vload_i8 = _vector_load(types.int8, ir.IntType(8), lambda b, v: b.sitofp(v, _V8))  # exact
 
 
-@intrinsic
-def prefetch(typingctx, arr, flat):
-    """Hint the caches to fetch the line holding element `flat` of a C-contiguous array
-    (llvm.prefetch, for reading): for data the hardware prefetcher cannot see coming."""
-    if not isinstance(arr, types.Array):
-        return None
+def _prefetch_intrinsic(locality: int, doc: str):
+    """An intrinsic prefetch(arr, flat) of the line holding element `flat` of a C-contiguous
+    array, for reading, at llvm.prefetch's `locality` (3: every level, 2: L2 and beyond)."""
 
-    def codegen(context, builder, sig, args):
-        emit_prefetch(builder, _element_pointer(context, builder, sig.args[0], args[0], args[1]))
-        return context.get_dummy_value()
+    def typer(typingctx, arr, flat):
+        if not isinstance(arr, types.Array):
+            return None
 
-    return types.void(arr, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            emit_prefetch(builder, ptr, locality)
+            return context.get_dummy_value()
+
+        return types.void(arr, types.intp), codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-def emit_prefetch(builder, ptr) -> None:
-    """llvm.prefetch of the line at `ptr`: for reading, keep in all cache levels, data."""
+# for data the hardware prefetcher cannot see coming
+prefetch = _prefetch_intrinsic(3, "Fetch the line into every cache level (prefetcht0).")
+prefetch_l2 = _prefetch_intrinsic(
+    2,
+    "Fetch the line into L2, not L1 (prefetcht1): for data needed a while later, which would "
+    "evict what is being used from a small L1.",
+)
+
+
+def emit_prefetch(builder, ptr, locality: int = 3) -> None:
+    """llvm.prefetch of the line at `ptr`: for reading, data, kept at `locality`."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(locality), i32(1)])
 
 
 @intrinsic
