@@ -15,6 +15,7 @@ from torch import nn
 
 from pensieve.attention import AttentionBackend
 from pensieve.config import ModelConfig
+from pensieve.kernels import cpu_fused
 from pensieve.linear import Linear
 
 
@@ -25,8 +26,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised in float32, rounded, then scaled (Hugging Face's order), with torch's
-        fused rms_norm: one op where pow, mean, add, rsqrt and mul were five."""
+        """Normalised in float32, rounded, then scaled (Hugging Face's order): one Numba call
+        on CPU (`cpu_fused`), elsewhere torch's fused rms_norm."""
+        if cpu_fused.runs_fused(x) and self.weight.dtype == x.dtype:
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -55,10 +58,11 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D] with cos/sin [T, 1, D]."""
+    """Rotate-half RoPE on x [T, H, D] with cos/sin [T, D / 2] (each pair's angle)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -78,11 +82,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.head_dim)
-        qk = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin)
-        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-        v = qkv[:, self.n_heads + self.n_kv :]
+        t, rotated = x.shape[0], self.n_heads + self.n_kv
+        flat = self.qkv_proj(x)
+        qkv = flat.view(t, rotated + self.n_kv, self.head_dim)
+        if cpu_fused.runs_fused(flat):  # rotates q and k in place
+            cpu_fused.rope_(flat, rotated, self.head_dim, cos, sin)
+            q, k = qkv[:, : self.n_heads], qkv[:, self.n_heads : rotated]
+        else:
+            q, k = apply_rope(qkv[:, :rotated], cos, sin).split([self.n_heads, self.n_kv], dim=1)
+        v = qkv[:, rotated:]
         out = attn.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
 
@@ -149,9 +157,8 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        cos, sin = emb.cos(), emb.sin()
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D / 2]
+        cos, sin = angles.cos(), angles.sin()
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
