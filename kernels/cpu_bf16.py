@@ -6,11 +6,14 @@ for what this instruction set offers:
   lanes, so neither K nor the query is widened first; each key's 16 partial sums go into one
   16-way transpose-and-add tree per 16 keys. The query stays in bfloat16 (the model computes it
   in bfloat16) and the scale multiplies the score instead;
-- P.V in float32 FMAs over 16 lanes, from one float32 copy of the block's V rows per KV head,
-  which every query row of that head (the GQA group, every query of a prefill tile) reads from
-  L1: each V element is widened once per head, not once per row;
+- P.V in `vdpbf16ps` too, over pairs of keys: the weights rounded to bfloat16 (as GPU flash
+  attention rounds them for its second matmul; the denominator sums them before rounding),
+  the tile's V rows interleaved in key pairs once per KV head, which every query row of that
+  head (the GQA group, every query of a prefill tile) reads from L1. Half the instructions of
+  float32 FMAs over widened V: a 512-token prefill 1.89 -> 1.58 ms a layer, 24 decode rows
+  with a 256-token chunk 2.92 -> 2.44 (AMD Zen 4), decode alone about the same;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
-- the next key tile prefetched one row at a time while this tile's V is widened, not in one
+- the next key tile prefetched one row at a time while this tile's V is paired, not in one
   burst per block as in `cpu_tiles` (faster from DRAM on AMD Zen 5, no change on Intel), and
   into L2 only (faster on AMD Zen 4, whose L1 the next tiles overflowed);
 - everything else as in `cpu_tiles` (items over the cores).
@@ -30,11 +33,9 @@ from .simd512 import (
     v16add,
     v16exp2,
     v16first,
-    v16fma,
     v16hmax,
     v16hsum,
     v16load,
-    v16load_bf16,
     v16max,
     v16mul,
     v16splat,
@@ -42,7 +43,9 @@ from .simd512 import (
     v16store_bf16,
     v16sub,
     v16zero,
+    v32interleave,
     vdot_bf16,
+    vdot_bf16_pair,
     vsum16x16,
 )
 
@@ -116,8 +119,9 @@ def _scores_at(q, qb, kc, kb, ks, d, c, n):
 @njit(inline="always", **_FAST)
 def _softmax64(s0, s1, s2, s3, n, r, m, den, s, so):
     """Online softmax over one tile of 64 keys of row r (scores in four vectors, lanes past
-    the first n at "minus infinity"): the weights go to s[so:so+64], 0 past n; returns the factor
-    that rescales the row's accumulator."""
+    the first n at "minus infinity"): the weights go to s[so:so+64] as bfloat16 bits, 0 past n
+    (the denominator sums them in float32, before rounding); returns the factor that rescales
+    the row's accumulator."""
     mx = max(m[r], v16hmax(v16max(v16max(s0, s1), v16max(s2, s3))))
     top = v16splat(mx)
     p0 = v16first(v16exp2(v16sub(s0, top)), n, 0.0)
@@ -127,18 +131,19 @@ def _softmax64(s0, s1, s2, s3, n, r, m, den, s, so):
     alpha = _exp2(m[r] - mx)
     m[r] = mx
     den[r] = den[r] * alpha + v16hsum(v16add(v16add(p0, p1), v16add(p2, p3)))
-    v16store(s, so, p0)
-    v16store(s, so + 16, p1)
-    v16store(s, so + 32, p2)
-    v16store(s, so + 48, p3)
+    v16store_bf16(s, so, p0)
+    v16store_bf16(s, so + 16, p1)
+    v16store_bf16(s, so + 32, p2)
+    v16store_bf16(s, so + 48, p3)
     return alpha
 
 
 @njit(inline="always", **_FAST)
-def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases):
-    """vs[j, :] = V row start + j of head h widened to float32, for j < n (bases: where each
-    16 keys of the tile start, `_tile_bases`); and, beside each
-    row, a prefetch of head h's K and V rows one key tile ahead. One row at a time, the
+def _pair_tile(kc, vc, table, start, n, block_size, ks, h, vp, zero, d, kmax, bases):
+    """vp = V rows start..start+n-1 of head h in key pairs, as `vdot_bf16_pair` multiplies them
+    (pair p's dims e..e+31 interleaved at vp[p * 2d + 2e:], an odd last row paired with zeros;
+    bases: where each 16 keys of the tile start, `_tile_bases`); and, beside each row, a
+    prefetch of head h's K and V rows one key tile ahead. One row at a time, the
     next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
     `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
     read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
@@ -149,31 +154,36 @@ def _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases):
         vb = bases[g // 16]
         ahead = start + g + KEY_TILE
         ab = _key_base(table, ahead, block_size, ks, h, d) if ahead < kmax else 0
-        for j in range(min(16, n - g)):
+        rows = min(16, n - g)
+        for j in range(rows):
             if ahead + j < kmax:
                 for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
                     prefetch_l2(kc, ab + j * ks + e)
                     prefetch_l2(vc, ab + j * ks + e)
-            for e in range(0, d, 16):
-                v16store(vs, (g + j) * d + e, v16load_bf16(vc, vb + j * ks + e))
+        for j in range(0, rows, 2):
+            first = vb + j * ks
+            for e in range(0, d, 32):
+                if j + 1 < rows:
+                    v32interleave(vp, (g + j) * d + 2 * e, vc, first + e, vc, first + ks + e)
+                else:
+                    v32interleave(vp, (g + j) * d + 2 * e, vc, first + e, zero, e)
 
 
 @njit(inline="always", **_FAST)
-def _pv64(acc, ab, alpha, s, so, vs, vb, d, nv):
-    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[so+j] * vs[j, vb:vb+64], the panel
-    in four registers throughout."""
+def _pv64(acc, ab, alpha, s, so, vp, vb, d, nv):
+    """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[so+j] * V row j's dims vb..vb+63,
+    in bfloat16 pairs of keys (`vdot_bf16_pair`), the panel in four registers throughout."""
     av = v16splat(alpha)
     a0 = v16mul(v16load(acc, ab), av)
     a1 = v16mul(v16load(acc, ab + 16), av)
     a2 = v16mul(v16load(acc, ab + 32), av)
     a3 = v16mul(v16load(acc, ab + 48), av)
-    for j in range(nv):
-        p = v16splat(s[so + j])
-        row = j * d + vb
-        a0 = v16fma(p, v16load(vs, row), a0)
-        a1 = v16fma(p, v16load(vs, row + 16), a1)
-        a2 = v16fma(p, v16load(vs, row + 32), a2)
-        a3 = v16fma(p, v16load(vs, row + 48), a3)
+    for j in range(0, nv, 2):
+        row = j * d + 2 * vb  # pair j // 2
+        a0 = vdot_bf16_pair(a0, s, so + j, vp, row)
+        a1 = vdot_bf16_pair(a1, s, so + j, vp, row + 32)
+        a2 = vdot_bf16_pair(a2, s, so + j, vp, row + 64)
+        a3 = vdot_bf16_pair(a3, s, so + j, vp, row + 96)
     v16store(acc, ab, a0)
     v16store(acc, ab + 16, a1)
     v16store(acc, ab + 32, a2)
@@ -181,11 +191,11 @@ def _pv64(acc, ab, alpha, s, so, vs, vb, d, nv):
 
 
 @njit(inline="always", **_FAST)
-def _pv64x3(acc, ab, alpha, g, s, vs, vb, d, nv):
+def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv):
     """`_pv64` for rows g, g+1, g+2 of one GQA group at once (accumulators at ab, ab + d,
-    ab + 2d; weights at s[64g:], alphas alpha[g:g+3]): each V vector is loaded once for the
-    three rows, and twelve independent FMA chains keep both FMA units busy where four wait on
-    the FMA latency. Each row's sums run in the same order as `_pv64`'s (same bits)."""
+    ab + 2d; weights at s[64g:], alphas alpha[g:g+3]): each V pair vector is loaded once for
+    the three rows, and twelve independent chains keep both units busy where four wait on
+    the latency. Each row's sums run in the same order as `_pv64`'s (same bits)."""
     so = g * KEY_TILE
     b0, b1, b2 = v16splat(alpha[g]), v16splat(alpha[g + 1]), v16splat(alpha[g + 2])
     a0, a1 = v16mul(v16load(acc, ab), b0), v16mul(v16load(acc, ab + 16), b0)
@@ -194,16 +204,17 @@ def _pv64x3(acc, ab, alpha, g, s, vs, vb, d, nv):
     c2, c3 = v16mul(v16load(acc, ab + d + 32), b1), v16mul(v16load(acc, ab + d + 48), b1)
     e0, e1 = v16mul(v16load(acc, ab + 2 * d), b2), v16mul(v16load(acc, ab + 2 * d + 16), b2)
     e2, e3 = v16mul(v16load(acc, ab + 2 * d + 32), b2), v16mul(v16load(acc, ab + 2 * d + 48), b2)
-    for j in range(nv):
-        row = j * d + vb
-        v0, v1 = v16load(vs, row), v16load(vs, row + 16)
-        v2, v3 = v16load(vs, row + 32), v16load(vs, row + 48)
-        p = v16splat(s[so + j])
-        a0, a1, a2, a3 = v16fma(p, v0, a0), v16fma(p, v1, a1), v16fma(p, v2, a2), v16fma(p, v3, a3)
-        p = v16splat(s[so + KEY_TILE + j])
-        c0, c1, c2, c3 = v16fma(p, v0, c0), v16fma(p, v1, c1), v16fma(p, v2, c2), v16fma(p, v3, c3)
-        p = v16splat(s[so + 2 * KEY_TILE + j])
-        e0, e1, e2, e3 = v16fma(p, v0, e0), v16fma(p, v1, e1), v16fma(p, v2, e2), v16fma(p, v3, e3)
+    for j in range(0, nv, 2):
+        row = j * d + 2 * vb
+        p = so + j
+        a0, a1 = vdot_bf16_pair(a0, s, p, vp, row), vdot_bf16_pair(a1, s, p, vp, row + 32)
+        a2, a3 = vdot_bf16_pair(a2, s, p, vp, row + 64), vdot_bf16_pair(a3, s, p, vp, row + 96)
+        p += KEY_TILE
+        c0, c1 = vdot_bf16_pair(c0, s, p, vp, row), vdot_bf16_pair(c1, s, p, vp, row + 32)
+        c2, c3 = vdot_bf16_pair(c2, s, p, vp, row + 64), vdot_bf16_pair(c3, s, p, vp, row + 96)
+        p += KEY_TILE
+        e0, e1 = vdot_bf16_pair(e0, s, p, vp, row), vdot_bf16_pair(e1, s, p, vp, row + 32)
+        e2, e3 = vdot_bf16_pair(e2, s, p, vp, row + 64), vdot_bf16_pair(e3, s, p, vp, row + 96)
     v16store(acc, ab, a0)
     v16store(acc, ab + 16, a1)
     v16store(acc, ab + 32, a2)
@@ -234,10 +245,11 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     m = np.full(rows, _NEG, np.float32)
     den = np.zeros(rows, np.float32)
     limit = np.zeros(hi - lo, np.int64)  # keys each query sees; every head of it alike
-    s = np.empty(group * KEY_TILE, np.float32)  # a group's weights, read back one by one
+    s = np.zeros(group * KEY_TILE, np.uint16)  # a group's weights in bfloat16, read in pairs
     alpha = np.empty(group, np.float32)  # each row's accumulator rescale for this tile
     threes = group - group % 3  # rows P.V takes three at a time
-    vs = np.empty(KEY_TILE * d, np.float32)
+    vp = np.empty(KEY_TILE * d, np.uint16)  # the tile's V rows in pairs (`_pair_tile`)
+    zero = np.zeros(d, np.uint16)  # the partner of an odd last row
     kmax = 0
     for i in range(hi - lo):
         limit[i] = min(pos[lo + i] + 1, ctx)
@@ -246,7 +258,7 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
             bases = _tile_bases(table, start, n, block_size, ks, h, d)
-            _widen_tile(kc, vc, table, start, n, block_size, ks, h, vs, d, kmax, bases)
+            _pair_tile(kc, vc, table, start, n, block_size, ks, h, vp, zero, d, kmax, bases)
             kb0, kb1, kb2, kb3 = bases
             for i in range(hi - lo):
                 nv = min(n, limit[i] - start)
@@ -262,9 +274,9 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
                     alpha[g] = _softmax64(s0, s1, s2, s3, nv, r0 + g, m, den, s, g * KEY_TILE)
                 for e0 in range(0, d, 64):
                     for g in range(0, threes, 3):
-                        _pv64x3(acc, (r0 + g) * d + e0, alpha, g, s, vs, e0, d, nv)
+                        _pv64x3(acc, (r0 + g) * d + e0, alpha, g, s, vp, e0, d, nv)
                     for g in range(threes, group):
-                        _pv64(acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vs, e0, d, nv)
+                        _pv64(acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vp, e0, d, nv)
     for i in range(hi - lo):
         for k in range(heads):
             inv = v16splat(np.float32(1.0) / den[i * heads + k])

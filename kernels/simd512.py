@@ -211,6 +211,64 @@ def vdot_bf16(typingctx, acc, a, fa, b, fb):
     return f32x16(f32x16, a, types.intp, b, types.intp), codegen
 
 
+@intrinsic
+def vdot_bf16_pair(typingctx, acc, a, fa, b, fb):
+    """acc + a[fa:fa+2] (one bfloat16 pair, in every lane) times the pairs of b[fb:fb+32]: lane
+    i gains a[fa] * b[fb+2i] + a[fa+1] * b[fb+2i+1] (`vdpbf16ps` with the pair broadcast; fa
+    even, so the pair is one aligned 32-bit word)."""
+    arrays = (a, b)
+    if not (acc == f32x16 and all(isinstance(x, types.Array) for x in arrays)):
+        return None
+    if not all(x.dtype == types.uint16 for x in arrays):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32x16 = ir.VectorType(_I32, LANES)
+        ptr = _element_pointer(context, builder, sig.args[1], args[1], args[2])
+        pair = builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=4)
+        lanes = builder.insert_element(ir.Constant(i32x16, None), pair, _I32(0))
+        splat = builder.shuffle_vector(lanes, lanes, ir.Constant(i32x16, [_I32(0)] * LANES))
+        bits = ir.VectorType(ir.IntType(16), 2 * LANES)
+        ptr = _element_pointer(context, builder, sig.args[3], args[3], args[4])
+        loaded = builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2)
+        ops = [builder.bitcast(splat, _BF16X32), builder.bitcast(loaded, _BF16X32)]
+        fnty = ir.FunctionType(_V16, [_V16, _BF16X32, _BF16X32])
+        fn = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
+        )
+        return builder.call(fn, [args[0], *ops])
+
+    return f32x16(f32x16, a, types.intp, b, types.intp), codegen
+
+
+@intrinsic
+def v32interleave(typingctx, dst, fd, a, fa, b, fb):
+    """dst[fd+2k] = a[fa+k] and dst[fd+2k+1] = b[fb+k] for k < 32 (uint16 arrays): two rows of
+    bfloat16 bits as the pairs `vdot_bf16_pair` multiplies."""
+    arrays = (dst, a, b)
+    if not all(isinstance(x, types.Array) and x.dtype == types.uint16 for x in arrays):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = ir.VectorType(ir.IntType(16), 2 * LANES)
+        rows = []
+        for arr_index, flat_index in ((2, 3), (4, 5)):
+            ptr = _element_pointer(
+                context, builder, sig.args[arr_index], args[arr_index], args[flat_index]
+            )
+            rows.append(builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2))
+        for half in (0, 1):
+            first = half * LANES  # a's lane first + i, then b's
+            mask = [k for i in range(LANES) for k in (first + i, 2 * LANES + first + i)]
+            pairs = builder.shuffle_vector(rows[0], rows[1], _mask(mask))
+            flat = builder.add(args[1], ir.Constant(args[1].type, half * 2 * LANES))
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], flat)
+            builder.store(pairs, builder.bitcast(ptr, bits.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return types.void(dst, types.intp, a, types.intp, b, types.intp), codegen
+
+
 def _lane_pairs(width: int, vector_major: bool) -> tuple[list[int], list[int]]:
     """Shuffle masks over two vectors (a: lanes 0-15, b: 16-31) that pair each lane of a block
     of 2 * width with the lane `width` above it: the blocks of a then of b (`vector_major`), or
