@@ -6,7 +6,8 @@ kernels; `cuda_prims`: device primitives with simulator twins; `inspect`: ptxas 
 tensors the Numba CPU kernel (`cpu_attention`, which hands sequences with many query rows to
 gather + torch SDPA in `cpu_sdpa`, faster there); `reference` holds the torch oracle,
 `testing` builds test inputs; `cpu_int8` is the model's int8 weight-only matmul where torch's
-is not vectorised, `cpu_threads` runs both CPU kernels on torch's thread count.
+is not vectorised, `cpu_threads` runs both CPU kernels on torch's thread count; `cpu_fused`
+holds the model's RMSNorm and RoPE as one Numba call each on CPU.
 The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
 (and a test process may still switch on the CUDA simulator before it does).
 """
