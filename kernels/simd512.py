@@ -182,31 +182,43 @@ def v16mul(typingctx, a, b):
     return f32x16(f32x16, f32x16), codegen
 
 
+def _takes_bf16_dot(acc, a, b) -> bool:
+    """Whether the `vdpbf16ps` intrinsics take these operand types: an f32x16 accumulator and
+    two uint16 arrays of bfloat16 bits."""
+    arrays = (a, b)
+    return acc == f32x16 and all(
+        isinstance(x, types.Array) and x.dtype == types.uint16 for x in arrays
+    )
+
+
+def _bits32(context, builder, sig, args, arr_index: int, flat_index: int):
+    """<32 x i16> loaded from the uint16 array args[arr_index] at element args[flat_index]."""
+    ptr = _element_pointer(context, builder, sig.args[arr_index], args[arr_index], args[flat_index])
+    return builder.load(
+        builder.bitcast(ptr, ir.VectorType(ir.IntType(16), 2 * LANES).as_pointer()), align=2
+    )
+
+
+def _dpbf16ps(builder, acc, a_bits, b_bits):
+    """`vdpbf16ps`: acc + the pairwise products of two <32 x i16> vectors of bfloat16 bits."""
+    fnty = ir.FunctionType(_V16, [_V16, _BF16X32, _BF16X32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512")
+    return builder.call(
+        fn, [acc, builder.bitcast(a_bits, _BF16X32), builder.bitcast(b_bits, _BF16X32)]
+    )
+
+
 @intrinsic
 def vdot_bf16(typingctx, acc, a, fa, b, fb):
     """acc + the pairwise products of a[fa:fa+32] and b[fb:fb+32] (uint16 arrays of bfloat16
     bits): lane i gains a[2i] * b[2i] + a[2i+1] * b[2i+1] (`vdpbf16ps`: products exact, the
     sums rounded to float32, denormal inputs read as zero)."""
-    arrays = (a, b)
-    if not (acc == f32x16 and all(isinstance(x, types.Array) for x in arrays)):
-        return None
-    if not all(x.dtype == types.uint16 for x in arrays):
+    if not _takes_bf16_dot(acc, a, b):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = ir.VectorType(ir.IntType(16), 2 * LANES)
-        ops = []
-        for arr_index, flat_index in ((1, 2), (3, 4)):
-            ptr = _element_pointer(
-                context, builder, sig.args[arr_index], args[arr_index], args[flat_index]
-            )
-            loaded = builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2)
-            ops.append(builder.bitcast(loaded, _BF16X32))
-        fnty = ir.FunctionType(_V16, [_V16, _BF16X32, _BF16X32])
-        fn = cgutils.get_or_insert_function(
-            builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
-        )
-        return builder.call(fn, [args[0], *ops])
+        a_bits = _bits32(context, builder, sig, args, 1, 2)
+        return _dpbf16ps(builder, args[0], a_bits, _bits32(context, builder, sig, args, 3, 4))
 
     return f32x16(f32x16, a, types.intp, b, types.intp), codegen
 
@@ -216,10 +228,7 @@ def vdot_bf16_pair(typingctx, acc, a, fa, b, fb):
     """acc + a[fa:fa+2] (one bfloat16 pair, in every lane) times the pairs of b[fb:fb+32]: lane
     i gains a[fa] * b[fb+2i] + a[fa+1] * b[fb+2i+1] (`vdpbf16ps` with the pair broadcast; fa
     even, so the pair is one aligned 32-bit word)."""
-    arrays = (a, b)
-    if not (acc == f32x16 and all(isinstance(x, types.Array) for x in arrays)):
-        return None
-    if not all(x.dtype == types.uint16 for x in arrays):
+    if not _takes_bf16_dot(acc, a, b):
         return None
 
     def codegen(context, builder, sig, args):
@@ -228,15 +237,7 @@ def vdot_bf16_pair(typingctx, acc, a, fa, b, fb):
         pair = builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=4)
         lanes = builder.insert_element(ir.Constant(i32x16, None), pair, _I32(0))
         splat = builder.shuffle_vector(lanes, lanes, ir.Constant(i32x16, [_I32(0)] * LANES))
-        bits = ir.VectorType(ir.IntType(16), 2 * LANES)
-        ptr = _element_pointer(context, builder, sig.args[3], args[3], args[4])
-        loaded = builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2)
-        ops = [builder.bitcast(splat, _BF16X32), builder.bitcast(loaded, _BF16X32)]
-        fnty = ir.FunctionType(_V16, [_V16, _BF16X32, _BF16X32])
-        fn = cgutils.get_or_insert_function(
-            builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
-        )
-        return builder.call(fn, [args[0], *ops])
+        return _dpbf16ps(builder, args[0], splat, _bits32(context, builder, sig, args, 3, 4))
 
     return f32x16(f32x16, a, types.intp, b, types.intp), codegen
 
@@ -251,12 +252,10 @@ def v32interleave(typingctx, dst, fd, a, fa, b, fb):
 
     def codegen(context, builder, sig, args):
         bits = ir.VectorType(ir.IntType(16), 2 * LANES)
-        rows = []
-        for arr_index, flat_index in ((2, 3), (4, 5)):
-            ptr = _element_pointer(
-                context, builder, sig.args[arr_index], args[arr_index], args[flat_index]
-            )
-            rows.append(builder.load(builder.bitcast(ptr, bits.as_pointer()), align=2))
+        rows = [
+            _bits32(context, builder, sig, args, 2, 3),
+            _bits32(context, builder, sig, args, 4, 5),
+        ]
         for half in (0, 1):
             first = half * LANES  # a's lane first + i, then b's
             mask = [k for i in range(LANES) for k in (first + i, 2 * LANES + first + i)]
