@@ -4,7 +4,7 @@ Why: torch runs each as three to eight ops, and on CPU every op pays its dispatc
 allocation, several times over right after a GEMM (measured on a 2-core AMD Zen 4 EPYC,
 bfloat16: torch's RMSNorm of one 576-wide row 14 us alone and ~44 us after a linear, where one
 Numba call costs ~3 us after it; a 512-row prefill spent ~310 us a call in RMSNorm and ~470 us
-in RoPE, bench/README.md "Fused small ops").
+in RoPE; bench/README.md, "Zen 4: an L2 prefetch, fused RMSNorm and RoPE").
 
 Every kernel runs on one thread: Numba's parallel regions beside torch's OpenMP team made the
 engine slower (bench/README.md, 2026-12-03), and these loops are short. Each row is computed
@@ -23,21 +23,17 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
+from .cpu_tiles import _widen
 from .simd import f32_as_i32, i32_as_f32
 
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 SUPPORTED = (torch.float32, torch.bfloat16)
 
 
+@njit(inline="always", **_FAST)
 def _load(a, i, j):
     """a[i, j] as float32 (a bfloat16 array holds its uint16 bits)."""
-
-
-@overload(_load, inline="always")
-def _load_impl(a, i, j):
-    if a.dtype == types.float32:
-        return lambda a, i, j: a[i, j]
-    return lambda a, i, j: i32_as_f32(np.int32(a[i, j]) << 16)
+    return _widen(a[i, j])
 
 
 def _round(x, like):
@@ -70,8 +66,7 @@ def _store_impl(a, i, j, x):
         return store
 
     def store_bits(a, i, j, x):
-        bits = f32_as_i32(np.float32(x))
-        a[i, j] = np.uint16(((bits + np.int32(0x7FFF) + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+        a[i, j] = np.uint16((f32_as_i32(_round(x, a)) >> 16) & 0xFFFF)
 
     return store_bits
 
