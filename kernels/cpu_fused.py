@@ -1,4 +1,4 @@
-"""A decoder layer's small ops on CPU as one Numba call each: RMSNorm and RoPE.
+"""A decoder layer's small ops on CPU as one Numba call each: RMSNorm, RoPE, SiLU-and-multiply.
 
 Why: torch runs each as three to eight ops, and on CPU every op pays its dispatch and
 allocation, several times over right after a GEMM (measured on a 2-core AMD Zen 4 EPYC,
@@ -6,28 +6,33 @@ bfloat16: torch's RMSNorm of one 576-wide row 14 us alone and ~44 us after a lin
 Numba call costs ~3 us after it; a 512-row prefill spent ~310 us a call in RMSNorm and ~470 us
 in RoPE; bench/README.md, "Zen 4: an L2 prefetch, fused RMSNorm and RoPE").
 
-Every kernel runs on one thread: Numba's parallel regions beside torch's OpenMP team made the
-engine slower (bench/README.md, 2026-12-03), and these loops are short. Each row is computed
-by the same vectorised loop whatever the batch (a row's reduction never split, its vector
-order fixed when it compiles), so a row's values do not depend on its neighbours and the
-batch-invariant forward holds. Rounding follows the torch code they replace: RMSNorm
+Calls of fewer than PARALLEL_ROWS rows run on one thread: Numba's parallel regions beside
+torch's OpenMP team made small steps slower (bench/README.md, 2026-12-03); RMSNorm and
+SiLU-and-multiply split more rows into one contiguous share a thread (a 512-row prefill
+0.97 of the one-thread step, 24 decodes with a 256-token chunk 0.97). Each row is computed
+by the same vectorised loop whatever the batch or the share (a row's reduction never split,
+its vector order fixed when it compiles), so a row's values do not depend on its neighbours
+and the batch-invariant forward holds. Rounding follows the torch code they replace: RMSNorm
 normalises in float32, rounds to the model's dtype, then scales in it (Hugging Face's order);
-RoPE rotates in float32 and rounds once. bfloat16 tensors are read as their uint16 bits and
-rounded to nearest even.
+RoPE rotates in float32 and rounds once; SiLU rounds to bfloat16, then the product does.
+bfloat16 tensors are read as their uint16 bits and rounded to nearest even.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
+from .cpu_threads import numba_threads_as_torch
 from .cpu_tiles import _widen
 from .simd import f32_as_i32, i32_as_f32
+from .simd512 import v16load_bf16, v16mul, v16round_bf16, v16silu, v16store_bf16
 
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 SUPPORTED = (torch.float32, torch.bfloat16)
+PARALLEL_ROWS = 32  # calls of fewer rows run on one thread (see the module's docstring)
 
 
 @njit(inline="always", **_FAST)
@@ -71,10 +76,10 @@ def _store_impl(a, i, j, x):
     return store_bits
 
 
-@njit(nogil=True, **_FAST)
-def _rms_norm(x, w, eps, out):
+@njit(inline="always", **_FAST)
+def _rms_norm_rows(x, w, eps, out, lo, hi):
     h = x.shape[1]
-    for t in range(x.shape[0]):
+    for t in range(lo, hi):
         total = np.float32(0.0)
         for i in range(h):
             v = _load(x, t, i)
@@ -96,6 +101,41 @@ def _rope_rows(x, heads, d, cos, sin):
                 c, s = cos[t, i], sin[t, i]
                 _store(x, t, base + i, x1 * c - x2 * s)
                 _store(x, t, base + half + i, x2 * c + x1 * s)
+
+
+@njit(nogil=True, **_FAST)
+def _rms_norm(x, w, eps, out):
+    _rms_norm_rows(x, w, eps, out, 0, x.shape[0])
+
+
+@njit(nogil=True, parallel=True, **_FAST)
+def _rms_norm_parallel(x, w, eps, out, parts):
+    rows = x.shape[0]
+    for p in prange(parts):
+        _rms_norm_rows(x, w, eps, out, p * rows // parts, (p + 1) * rows // parts)
+
+
+@njit(inline="always", **_FAST)
+def _silu_mul_rows(gu, out, lo, hi):
+    """out = silu(gate) * up for rows lo..hi-1 of gu = [gate | up] (bfloat16 bits), each
+    product of bfloat16 operands rounded to bfloat16 as torch's two ops round them."""
+    n = out.shape[1]
+    for t in range(lo, hi):
+        for i in range(0, n, 16):
+            gate = v16round_bf16(v16silu(v16load_bf16(gu, t * 2 * n + i)))
+            v16store_bf16(out, t * n + i, v16mul(gate, v16load_bf16(gu, t * 2 * n + n + i)))
+
+
+@njit(nogil=True, **_FAST)
+def _silu_mul(gu, out):
+    _silu_mul_rows(gu, out, 0, out.shape[0])
+
+
+@njit(nogil=True, parallel=True, **_FAST)
+def _silu_mul_parallel(gu, out, parts):
+    rows = out.shape[0]
+    for p in prange(parts):
+        _silu_mul_rows(gu, out, p * rows // parts, (p + 1) * rows // parts)
 
 
 # the head dim as a literal where it is 64 or 128: LLVM then vectorises the 32 or 64 pairs of a
@@ -120,19 +160,49 @@ _ROPE = {64: _rope64, 128: _rope128}
 
 def runs_fused(x: torch.Tensor) -> bool:
     """Whether these kernels take x: a contiguous float32 or bfloat16 matrix on the CPU."""
-    return (
-        x.device.type == "cpu" and x.dtype in SUPPORTED and x.dim() == 2 and x.is_contiguous()
-    )
+    return x.device.type == "cpu" and x.dtype in SUPPORTED and x.dim() == 2 and x.is_contiguous()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.uint16).numpy()
 
 
+def _parts(rows: int) -> int:
+    """How many threads share a call's rows: torch's count from PARALLEL_ROWS rows, else 1."""
+    return torch.get_num_threads() if rows >= PARALLEL_ROWS else 1
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * RMSNorm(x) over the last dim of x [T, H] (weight in x's dtype)."""
     out = torch.empty_like(x)
-    _rms_norm(_np(x), _np(weight.view(1, -1)), np.float32(eps), _np(out))
+    args = (_np(x), _np(weight.view(1, -1)), np.float32(eps), _np(out))
+    parts = _parts(x.shape[0])
+    if parts == 1:
+        _rms_norm(*args)
+    else:
+        with numba_threads_as_torch():
+            _rms_norm_parallel(*args, parts)
+    return out
+
+
+def runs_silu_mul(gate_up: torch.Tensor) -> bool:
+    """Whether `silu_mul` takes gate_up: a contiguous bfloat16 [T, 2n] CPU matrix, n % 16 ==
+    0 (float32 stays on torch's ops, whose last bits these sums do not reproduce)."""
+    return runs_fused(gate_up) and gate_up.dtype == torch.bfloat16 and gate_up.shape[1] % 32 == 0
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] [T, 2n] in bfloat16 (`runs_silu_mul`): one
+    pass where torch's SiLU of the strided half and its multiply took ~0.6 ms a layer at 512
+    rows after the GEMM (2-core Zen 4); torch's bits on the finite inputs tested."""
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    args = (_np(gate_up), _np(out))
+    parts = _parts(gate_up.shape[0])
+    if parts == 1:
+        _silu_mul(*args)
+    else:
+        with numba_threads_as_torch():
+            _silu_mul_parallel(*args, parts)
     return out
 
 

@@ -116,22 +116,40 @@ def v16store_bf16(typingctx, arr, flat, v):
         return None
 
     def codegen(context, builder, sig, args):
-        i32x16 = ir.VectorType(_I32, LANES)
-
-        def splat(value: int) -> ir.Constant:
-            return ir.Constant(i32x16, [_I32(value)] * LANES)
-
-        bits = builder.bitcast(args[2], i32x16)
-        odd = builder.and_(builder.lshr(bits, splat(16)), splat(1))
-        rounded = builder.lshr(builder.add(bits, builder.add(odd, splat(0x7FFF))), splat(16))
-        nan = builder.fcmp_unordered("uno", args[2], args[2])
-        rounded = builder.select(nan, splat(0x7FC0), rounded)
+        rounded = builder.lshr(_bf16_rounded_bits(builder, args[2]), _i32_splat(16))
         halves = builder.trunc(rounded, ir.VectorType(ir.IntType(16), LANES))
         ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
         builder.store(halves, builder.bitcast(ptr, halves.type.as_pointer()), align=2)
         return context.get_dummy_value()
 
     return types.void(arr, types.intp, f32x16), codegen
+
+
+def _i32_splat(value: int) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, LANES), [_I32(value)] * LANES)
+
+
+def _bf16_rounded_bits(builder, v):
+    """v's float32 bits rounded to bfloat16 (to nearest, ties to even; a NaN a quiet NaN),
+    still as <16 x i32> with the low half zero."""
+    bits = builder.bitcast(v, ir.VectorType(_I32, LANES))
+    odd = builder.and_(builder.lshr(bits, _i32_splat(16)), _i32_splat(1))
+    rounded = builder.add(bits, builder.add(odd, _i32_splat(0x7FFF)))
+    nan = builder.fcmp_unordered("uno", v, v)
+    return builder.select(nan, _i32_splat(0x7FC00000), builder.and_(rounded, _i32_splat(-65536)))
+
+
+@intrinsic
+def v16round_bf16(typingctx, v):
+    """v rounded to bfloat16 as `v16store_bf16` rounds it, kept as float32 (a bfloat16 op's
+    result, used again before it is stored)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(_bf16_rounded_bits(builder, args[0]), _V16)
+
+    return f32x16(f32x16), codegen
 
 
 @intrinsic
@@ -266,6 +284,42 @@ def v32interleave(typingctx, dst, fd, a, fa, b, fb):
         return context.get_dummy_value()
 
     return types.void(dst, types.intp, a, types.intp, b, types.intp), codegen
+
+
+@intrinsic
+def v16transpose_words(typingctx, dst, fd, ds, src, fs, ss):
+    """A 16 x 16 transpose of 32-bit words (bfloat16 pairs) between uint16 arrays: word k of
+    source row j (src[fs + j * ss:], 16 words) becomes word j of destination row k (dst[fd +
+    k * ds:]). Four butterfly stages of shuffles: K rows turned into the rows of dim pairs
+    that `vdot_bf16_pair` multiplies, 16 keys a vector."""
+    if not all(isinstance(x, types.Array) and x.dtype == types.uint16 for x in (dst, src)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.VectorType(_I32, LANES)
+        d_ary, d_flat, d_step, s_ary, s_flat, s_step = args
+        rows = []
+        for j in range(LANES):
+            flat = builder.add(s_flat, builder.mul(s_step, ir.Constant(s_step.type, j)))
+            ptr = _element_pointer(context, builder, sig.args[3], s_ary, flat)
+            rows.append(builder.load(builder.bitcast(ptr, words.as_pointer()), align=4))
+        for w in (1, 2, 4, 8):  # swap the off-diagonal w x w blocks of each 2w x 2w block
+            for i in range(LANES):
+                if i & w:
+                    continue
+                a, b = rows[i], rows[i | w]
+                low = [lane if not lane & w else LANES + (lane ^ w) for lane in range(LANES)]
+                high = [(lane ^ w) if not lane & w else LANES + lane for lane in range(LANES)]
+                rows[i] = builder.shuffle_vector(a, b, _mask(low))
+                rows[i | w] = builder.shuffle_vector(a, b, _mask(high))
+        for k in range(LANES):
+            flat = builder.add(d_flat, builder.mul(d_step, ir.Constant(d_step.type, k)))
+            ptr = _element_pointer(context, builder, sig.args[0], d_ary, flat)
+            builder.store(rows[k], builder.bitcast(ptr, words.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    sig = types.void(dst, types.intp, types.intp, src, types.intp, types.intp)
+    return sig, codegen
 
 
 def _lane_pairs(width: int, vector_major: bool) -> tuple[list[int], list[int]]:
@@ -428,35 +482,60 @@ def v16hsum(typingctx, v):
 _EXP2_POLY = (0.00134004, 0.00967604, 0.05550327, 0.24022107, 0.69314721, 1.00000008)
 
 
+def _splat_f32(value: float) -> ir.Constant:
+    return ir.Constant(_V16, [ir.Constant(ir.FloatType(), value)] * LANES)
+
+
+def _call(builder, name: str, *operands):
+    """A call of LLVM's vector intrinsic `name` over f32x16 operands."""
+    fnty = ir.FunctionType(_V16, [_V16] * len(operands))
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), operands)
+
+
+def _exp2_ir(builder, x):
+    """2**x lane by lane for x clamped to [-126, 0]: exponent bits times a degree-5 polynomial
+    of the fraction, as `cpu_tiles._exp2` computes it for one float."""
+    x = _call(builder, "llvm.maxnum.v16f32", x, _splat_f32(-126.0))
+    x = _call(builder, "llvm.minnum.v16f32", x, _splat_f32(0.0))
+    n = _call(builder, "llvm.floor.v16f32", builder.fadd(x, _splat_f32(0.5)))
+    f = builder.fsub(x, n)
+    p = _splat_f32(_EXP2_POLY[0])
+    for coefficient in _EXP2_POLY[1:]:
+        p = _call(builder, "llvm.fma.v16f32", p, f, _splat_f32(coefficient))
+    ints = ir.VectorType(_I32, LANES)
+    exponent = builder.add(builder.fptosi(n, ints), _i32_splat(127))
+    return builder.fmul(p, builder.bitcast(builder.shl(exponent, _i32_splat(23)), _V16))
+
+
 @intrinsic
 def v16exp2(typingctx, x):
-    """2**x lane by lane for x <= 0 (clamped to [-126, 0]): exponent bits times a degree-5
-    polynomial of the fraction, as `cpu_tiles._exp2` computes it for one float."""
+    """2**x lane by lane for x <= 0 (clamped to [-126, 0]), `_exp2_ir`."""
     if x != f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        def splat(value: float):
-            return ir.Constant(_V16, [ir.Constant(ir.FloatType(), value)] * LANES)
+        return _exp2_ir(builder, args[0])
 
-        def call(name: str, *operands):
-            fnty = ir.FunctionType(_V16, [_V16] * len(operands))
-            return builder.call(
-                cgutils.get_or_insert_function(builder.module, fnty, name), operands
-            )
+    return f32x16(f32x16), codegen
 
-        x = call(
-            "llvm.minnum.v16f32", call("llvm.maxnum.v16f32", args[0], splat(-126.0)), splat(0.0)
-        )
-        n = call("llvm.floor.v16f32", builder.fadd(x, splat(0.5)))
-        f = builder.fsub(x, n)
-        p = splat(_EXP2_POLY[0])
-        for coefficient in _EXP2_POLY[1:]:
-            p = call("llvm.fma.v16f32", p, f, splat(coefficient))
-        ints = ir.VectorType(_I32, LANES)
-        exponent = builder.add(builder.fptosi(n, ints), ir.Constant(ints, [_I32(127)] * LANES))
-        scale = builder.bitcast(builder.shl(exponent, ir.Constant(ints, [_I32(23)] * LANES)), _V16)
-        return builder.fmul(p, scale)
+
+@intrinsic
+def v16silu(typingctx, x):
+    """x * sigmoid(x) lane by lane: with t = e**-|x| (`_exp2_ir`, 0 below 2**-126),
+    sigmoid is 1 / (1 + t) where x >= 0 and t / (1 + t) below; accurate to a few float32 ulps
+    (torch's bfloat16 SiLU rounded the same on every input tried, `tests/test_cpu_fused.py`)."""
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        magnitude = _call(builder, "llvm.fabs.v16f32", x)
+        power = builder.fmul(magnitude, _splat_f32(-1.4426950408889634))
+        underflows = builder.fcmp_ordered("<", power, _splat_f32(-126.0))  # e**-|x| is 0 there
+        t = builder.select(underflows, _splat_f32(0.0), _exp2_ir(builder, power))
+        above = builder.fcmp_ordered(">=", x, _splat_f32(0.0))
+        numerator = builder.select(above, _splat_f32(1.0), t)
+        return builder.fmul(x, builder.fdiv(numerator, builder.fadd(_splat_f32(1.0), t)))
 
     return f32x16(f32x16), codegen
 

@@ -71,6 +71,39 @@ def test_a_row_is_the_same_whatever_its_batch(dtype: torch.dtype) -> None:
         assert torch.equal(one[0], whole[r])
 
 
+def torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.split(gate_up.shape[1] // 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33, 200])
+def test_silu_mul_has_torchs_bits(rows: int) -> None:
+    """bfloat16 [gate | up] on one thread (under PARALLEL_ROWS rows) and on several: the bits
+    of torch's SiLU then multiply, over gates from -30 to 30 and tiny ones."""
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = (8 * torch.randn(rows, 2 * 1536, generator=gen)).bfloat16()
+    gate_up[:, :16] = torch.linspace(-30, 30, 16).bfloat16()
+    gate_up[:, 16:20] = torch.tensor([0.0, -0.0, 1e-30, -1e-30]).bfloat16()
+    ours = cpu_fused.silu_mul(gate_up)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, 1536)
+    assert torch.equal(ours, torch_silu_mul(gate_up))
+
+
+def test_silu_mul_row_is_the_same_whatever_its_batch() -> None:
+    gen = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(41, 2 * 96, generator=gen).bfloat16()
+    batch = cpu_fused.silu_mul(gate_up)
+    for r in (0, 17, 40):
+        assert torch.equal(cpu_fused.silu_mul(gate_up[r : r + 1].clone())[0], batch[r])
+
+
+def test_silu_mul_takes_only_bfloat16_halves_of_whole_vectors() -> None:
+    assert cpu_fused.runs_silu_mul(torch.zeros(3, 64).bfloat16())
+    assert not cpu_fused.runs_silu_mul(torch.zeros(3, 64))  # float32 keeps torch's ops
+    assert not cpu_fused.runs_silu_mul(torch.zeros(3, 48).bfloat16())  # halves of 24
+    assert not cpu_fused.runs_silu_mul(torch.zeros(64, 3).bfloat16().t())
+
+
 def test_only_contiguous_cpu_matrices_of_its_dtypes_run_fused() -> None:
     x = torch.zeros(4, 8)
     assert cpu_fused.runs_fused(x) and cpu_fused.runs_fused(x.bfloat16())
