@@ -3,9 +3,14 @@
 The same math as `cpu_tiles.attend_tile_simd` (online softmax, `exp2` by exponent bits), built
 for what this instruction set offers:
 - scores: q . k in 16-lane `vdpbf16ps`, which multiplies bfloat16 pairs exactly into float32
-  lanes, so neither K nor the query is widened first; each key's 16 partial sums go into one
-  16-way transpose-and-add tree per 16 keys. The query stays in bfloat16 (the model computes it
-  in bfloat16) and the scale multiplies the score instead;
+  lanes, so neither K nor the query is widened first. Each 16 keys of a tile are transposed
+  once per KV head into rows of dim pairs (`v16transpose_words`), so a lane is a key and a
+  score sums its dim pairs in order, one broadcast query pair an instruction; every query row
+  of the tile (the GQA group, a prefill tile's queries) reads the same transposed tile, where
+  a 16-way transpose-and-add tree per row and 16 keys cost more than the dots (24 decodes
+  with a 256-token chunk 0.88-0.91 of the tree's step, a 512-token prefill 0.96, decode alone
+  within the noise, AMD Zen 4). The query stays in bfloat16 (the model computes it in
+  bfloat16) and the scale multiplies the score instead;
 - P.V in `vdpbf16ps` too, over pairs of keys: the weights rounded to bfloat16 (as GPU flash
   attention rounds them for its second matmul; the denominator sums them before rounding),
   the tile's V rows interleaved in key pairs once per KV head, which every query row of that
@@ -42,47 +47,14 @@ from .simd512 import (
     v16store,
     v16store_bf16,
     v16sub,
+    v16transpose_words,
     v16zero,
     v32interleave,
-    vdot_bf16,
     vdot_bf16_pair,
-    vsum16x16,
 )
 
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 KEY_TILE = 64  # keys per online-softmax step: four vectors of scores
-
-
-@njit(inline="always", **_FAST)
-def _dot(q, qb, kc, kb, d):
-    """One key's 16 partial sums of q[qb:qb+d] . kc[kb:kb+d] (bfloat16 bits, d % 32 == 0)."""
-    t = v16zero()
-    for e in range(0, d, 32):
-        t = vdot_bf16(t, q, qb + e, kc, kb + e)
-    return t
-
-
-@njit(inline="always", **_FAST)
-def _scores16(q, qb, kc, kb, ks, d):
-    """The query at qb dotted with the sixteen keys at kb, kb + ks, ... (lane j: key j)."""
-    return vsum16x16(
-        _dot(q, qb, kc, kb, d),
-        _dot(q, qb, kc, kb + ks, d),
-        _dot(q, qb, kc, kb + 2 * ks, d),
-        _dot(q, qb, kc, kb + 3 * ks, d),
-        _dot(q, qb, kc, kb + 4 * ks, d),
-        _dot(q, qb, kc, kb + 5 * ks, d),
-        _dot(q, qb, kc, kb + 6 * ks, d),
-        _dot(q, qb, kc, kb + 7 * ks, d),
-        _dot(q, qb, kc, kb + 8 * ks, d),
-        _dot(q, qb, kc, kb + 9 * ks, d),
-        _dot(q, qb, kc, kb + 10 * ks, d),
-        _dot(q, qb, kc, kb + 11 * ks, d),
-        _dot(q, qb, kc, kb + 12 * ks, d),
-        _dot(q, qb, kc, kb + 13 * ks, d),
-        _dot(q, qb, kc, kb + 14 * ks, d),
-        _dot(q, qb, kc, kb + 15 * ks, d),
-    )
 
 
 @njit(inline="always", **_FAST)
@@ -107,13 +79,63 @@ def _tile_bases(table, start, n, block_size, ks, h, d):
 
 
 @njit(inline="always", **_FAST)
-def _scores_at(q, qb, kc, kb, ks, d, c, n):
-    """c * the query at qb dotted with the sixteen keys from kb on (lane j: the key at
-    kb + j * ks), where n > 0 of them count; every lane past n holds the finite "minus
-    infinity"."""
-    if n <= 0:
-        return v16splat(_NEG)
-    return v16first(v16mul(_scores16(q, qb, kc, kb, ks, d), v16splat(c)), n, _NEG)
+def _transpose_tile(kc, kt, n, ks, d, bases):
+    """kt = the tile's n keys of one head in rows of dim pairs: pair p of keys 0..63 at
+    kt[p * 128:] (one 32-bit word a key), each 16 keys one `v16transpose_words`; keys past n
+    in a group of 16 are read (their block holds them) and masked out of the scores."""
+    for g in range(0, n, 16):
+        for e in range(0, d, 32):  # dims e..e+31: pairs e/2..e/2+15
+            v16transpose_words(kt, e * KEY_TILE + 2 * g, 2 * KEY_TILE, kc, bases[g // 16] + e, ks)
+
+
+@njit(inline="always", **_FAST)
+def _scores64(q, qb, kt, d):
+    """The query at qb dotted with the tile's 64 keys in `kt` (`_transpose_tile`), four
+    vectors of 16 keys. Each score sums the dim pairs in order in one float32 lane
+    (`vdot_bf16_pair`: the query's pair broadcast), so its bits depend on its query and key
+    only, not on the rows beside it."""
+    s0, s1, s2, s3 = v16zero(), v16zero(), v16zero(), v16zero()
+    for p in range(d // 2):
+        row = p * 2 * KEY_TILE
+        s0 = vdot_bf16_pair(s0, q, qb + 2 * p, kt, row)
+        s1 = vdot_bf16_pair(s1, q, qb + 2 * p, kt, row + 32)
+        s2 = vdot_bf16_pair(s2, q, qb + 2 * p, kt, row + 64)
+        s3 = vdot_bf16_pair(s3, q, qb + 2 * p, kt, row + 96)
+    return s0, s1, s2, s3
+
+
+@njit(inline="always", **_FAST)
+def _scores64x3(q, qb, qs, kt, d):
+    """`_scores64` for the queries at qb, qb + qs and qb + 2 qs: twelve independent chains
+    (four wait on the instruction's latency), each kt vector loaded once for the three rows;
+    each row's sums in `_scores64`'s order (same bits)."""
+    a0, a1, a2, a3 = v16zero(), v16zero(), v16zero(), v16zero()
+    b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
+    e0, e1, e2, e3 = v16zero(), v16zero(), v16zero(), v16zero()
+    for p in range(d // 2):
+        row = p * 2 * KEY_TILE
+        x, y, z = qb + 2 * p, qb + qs + 2 * p, qb + 2 * qs + 2 * p  # the three rows' pair p
+        a0, a1 = vdot_bf16_pair(a0, q, x, kt, row), vdot_bf16_pair(a1, q, x, kt, row + 32)
+        a2, a3 = vdot_bf16_pair(a2, q, x, kt, row + 64), vdot_bf16_pair(a3, q, x, kt, row + 96)
+        b0, b1 = vdot_bf16_pair(b0, q, y, kt, row), vdot_bf16_pair(b1, q, y, kt, row + 32)
+        b2, b3 = vdot_bf16_pair(b2, q, y, kt, row + 64), vdot_bf16_pair(b3, q, y, kt, row + 96)
+        e0, e1 = vdot_bf16_pair(e0, q, z, kt, row), vdot_bf16_pair(e1, q, z, kt, row + 32)
+        e2, e3 = vdot_bf16_pair(e2, q, z, kt, row + 64), vdot_bf16_pair(e3, q, z, kt, row + 96)
+    return a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3
+
+
+@njit(inline="always", **_FAST)
+def _softmax_row(t0, t1, t2, t3, c, n, r, m, den, s, g):
+    """`_softmax64` of group row g from its four vectors of score sums, scaled by c and
+    masked past the first n keys (lanes at the finite "minus infinity")."""
+    cv = v16splat(c)
+    return _softmax64(
+        v16first(v16mul(t0, cv), n, _NEG),
+        v16first(v16mul(t1, cv), n - 16, _NEG),
+        v16first(v16mul(t2, cv), n - 32, _NEG),
+        v16first(v16mul(t3, cv), n - 48, _NEG),
+        n, r, m, den, s, g * KEY_TILE,
+    )  # fmt: skip
 
 
 @njit(inline="always", **_FAST)
@@ -249,6 +271,7 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
     alpha = np.empty(group, np.float32)  # each row's accumulator rescale for this tile
     threes = group - group % 3  # rows P.V takes three at a time
     vp = np.empty(KEY_TILE * d, np.uint16)  # the tile's V rows in pairs (`_pair_tile`)
+    kt = np.zeros(KEY_TILE * d, np.uint16)  # its K rows in dim pairs (`_transpose_tile`)
     zero = np.zeros(d, np.uint16)  # the partner of an odd last row
     kmax = 0
     for i in range(hi - lo):
@@ -259,19 +282,24 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
         for h in range(h0, h1):
             bases = _tile_bases(table, start, n, block_size, ks, h, d)
             _pair_tile(kc, vc, table, start, n, block_size, ks, h, vp, zero, d, kmax, bases)
-            kb0, kb1, kb2, kb3 = bases
+            _transpose_tile(kc, kt, n, ks, d, bases)
             for i in range(hi - lo):
                 nv = min(n, limit[i] - start)
                 if nv <= 0:
                     continue
                 r0 = i * heads + (h - h0) * group  # the group's first row
-                for g in range(group):
-                    qb = ((lo + i) * hq + h * group + g) * d
-                    s0 = _scores_at(q, qb, kc, kb0, ks, d, c, nv)
-                    s1 = _scores_at(q, qb, kc, kb1, ks, d, c, nv - 16)
-                    s2 = _scores_at(q, qb, kc, kb2, ks, d, c, nv - 32)
-                    s3 = _scores_at(q, qb, kc, kb3, ks, d, c, nv - 48)
-                    alpha[g] = _softmax64(s0, s1, s2, s3, nv, r0 + g, m, den, s, g * KEY_TILE)
+                qh = ((lo + i) * hq + h * group) * d  # the group's first query head
+                for g in range(0, threes, 3):
+                    u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
+                        q, qh + g * d, d, kt, d
+                    )
+                    r = r0 + g
+                    alpha[g] = _softmax_row(u0, u1, u2, u3, c, nv, r, m, den, s, g)
+                    alpha[g + 1] = _softmax_row(v0, v1, v2, v3, c, nv, r + 1, m, den, s, g + 1)
+                    alpha[g + 2] = _softmax_row(w0, w1, w2, w3, c, nv, r + 2, m, den, s, g + 2)
+                for g in range(threes, group):
+                    t0, t1, t2, t3 = _scores64(q, qh + g * d, kt, d)
+                    alpha[g] = _softmax_row(t0, t1, t2, t3, c, nv, r0 + g, m, den, s, g)
                 for e0 in range(0, d, 64):
                     for g in range(0, threes, 3):
                         _pv64x3(acc, (r0 + g) * d + e0, alpha, g, s, vp, e0, d, nv)

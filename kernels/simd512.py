@@ -1,11 +1,12 @@
 """Sixteen float32 lanes and AVX512-BF16 dot products as Numba values (see `simd` for why
 accumulators are SSA vectors rather than array elements).
 
-`f32x16` is `<16 x float>` in LLVM IR: one zmm register on AVX-512. `vdot_bf16` is
+`f32x16` is `<16 x float>` in LLVM IR: one zmm register on AVX-512. `vdot_bf16_pair` is
 `vdpbf16ps`: 32 bfloat16 pairs multiplied exactly and added into 16 float32 lanes (lane i
-gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1]), the instruction that lets a bfloat16 pool be read
-without widening it first. Only CPUs with the `avx512_bf16` flag have it (`has_avx512_bf16`):
-code using it must be compiled only there, or LLVM cannot select the instruction.
+gains a[2i] * b[2i] + a[2i + 1] * b[2i + 1], one pair of a broadcast), the instruction that
+lets a bfloat16 pool be read without widening it first. Only CPUs with the `avx512_bf16` flag
+have it (`has_avx512_bf16`): code using it must be compiled only there, or LLVM cannot select
+the instruction.
 """
 
 from __future__ import annotations
@@ -227,21 +228,6 @@ def _dpbf16ps(builder, acc, a_bits, b_bits):
 
 
 @intrinsic
-def vdot_bf16(typingctx, acc, a, fa, b, fb):
-    """acc + the pairwise products of a[fa:fa+32] and b[fb:fb+32] (uint16 arrays of bfloat16
-    bits): lane i gains a[2i] * b[2i] + a[2i+1] * b[2i+1] (`vdpbf16ps`: products exact, the
-    sums rounded to float32, denormal inputs read as zero)."""
-    if not _takes_bf16_dot(acc, a, b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a_bits = _bits32(context, builder, sig, args, 1, 2)
-        return _dpbf16ps(builder, args[0], a_bits, _bits32(context, builder, sig, args, 3, 4))
-
-    return f32x16(f32x16, a, types.intp, b, types.intp), codegen
-
-
-@intrinsic
 def vdot_bf16_pair(typingctx, acc, a, fa, b, fb):
     """acc + a[fa:fa+2] (one bfloat16 pair, in every lane) times the pairs of b[fb:fb+32]: lane
     i gains a[fa] * b[fb+2i] + a[fa+1] * b[fb+2i+1] (`vdpbf16ps` with the pair broadcast; fa
@@ -350,26 +336,12 @@ def _lane_sums(builder, vectors, widths, vector_major: bool):
 
 
 @intrinsic
-def vsum16x16(typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15):
-    """The lane sums of sixteen vectors as one: lane k = the sum of t_k's lanes, added in a
-    transpose-and-add tree whose order is the same for every k (as `simd.vsum8x8`)."""
-    vectors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
-    if not all(v == f32x16 for v in vectors):
-        return None
-
-    def codegen(context, builder, sig, args):
-        # pairs (a, b): blocks 2j of a then b, plus blocks 2j + 1 of a then b
-        return _lane_sums(builder, args, (1, 2, 4, 8), vector_major=False)
-
-    return f32x16(*vectors), codegen
-
-
-@intrinsic
 def vsum16x16_halves(
     typingctx, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15
 ):
-    """`vsum16x16` added in `v16hsum`'s order: lane k = the sum of t_k's lanes by halves
-    (lane i + lane i + 8, then i + 4, i + 2, i + 1), the tree of `_mm512_reduce_add_ps`."""
+    """Sixteen vectors' lane sums as one, in `v16hsum`'s order: lane k = the sum of t_k's
+    lanes by halves (lane i + lane i + 8, then i + 4, i + 2, i + 1), the tree of
+    `_mm512_reduce_add_ps`."""
     vectors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15)
     if not all(v == f32x16 for v in vectors):
         return None

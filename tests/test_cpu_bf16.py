@@ -23,9 +23,9 @@ from pensieve.kernels.simd512 import (
     v16load,
     v16store,
     v16store_bf16,
+    v16transpose_words,
     v16zero,
-    vdot_bf16,
-    vsum16x16,
+    vdot_bf16_pair,
 )
 from pensieve.kernels.testing import make_paged_case
 
@@ -33,19 +33,13 @@ pytestmark = pytest.mark.skipif(not has_avx512_bf16(), reason="this CPU has no A
 
 
 @njit
-def _dot(a, b, out):
-    v16store(out, 0, vdot_bf16(v16zero(), a, 0, b, 0))
+def _dot_pair(a, fa, b, out):
+    v16store(out, 0, vdot_bf16_pair(v16zero(), a, fa, b, 0))
 
 
 @njit
-def _sum_rows(x, out):
-    v16store(
-        out, 0,
-        vsum16x16(v16load(x, 0), v16load(x, 16), v16load(x, 32), v16load(x, 48),
-                  v16load(x, 64), v16load(x, 80), v16load(x, 96), v16load(x, 112),
-                  v16load(x, 128), v16load(x, 144), v16load(x, 160), v16load(x, 176),
-                  v16load(x, 192), v16load(x, 208), v16load(x, 224), v16load(x, 240)),
-    )  # fmt: skip
+def _transpose(dst, src):
+    v16transpose_words(dst, 0, 32, src, 0, 32)
 
 
 @njit
@@ -64,26 +58,21 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint16).numpy()
 
 
-def test_vdot_bf16_adds_exact_pair_products():
+def test_vdot_bf16_pair_adds_exact_products_of_the_broadcast_pair():
     # small integers: every product and sum is exact, so any other pairing would show
-    a = torch.arange(-16, 16, dtype=torch.bfloat16)
+    a = torch.tensor([0, 0, 3, -5], dtype=torch.bfloat16)
     b = torch.arange(32, 0, -1, dtype=torch.bfloat16)
     out = np.empty(16, np.float32)
-    _dot(_bits(a), _bits(b), out)
-    expected = (a.double() * b.double()).view(16, 2).sum(1)
+    _dot_pair(_bits(a), 2, _bits(b), out)
+    expected = b.double().view(16, 2) @ torch.tensor([3.0, -5.0], dtype=torch.double)
     assert np.array_equal(out, expected.numpy().astype(np.float32))
 
 
-def test_vsum16x16_adds_each_vector_in_a_halving_tree():
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((16, 16)) * 1e4).astype(np.float32)
-    out = np.empty(16, np.float32)
-    _sum_rows(x.reshape(-1), out)
-    for k in range(16):  # lanes paired (0, 1), (2, 3), ... then pairs of pairs
-        level = list(x[k])
-        while len(level) > 1:
-            level = [np.float32(level[i] + level[i + 1]) for i in range(0, len(level), 2)]
-        assert out[k] == level[0]
+def test_v16transpose_words_turns_rows_of_pairs_into_columns():
+    words = np.arange(256, dtype=np.uint32)  # word k of row j: 16 j + k
+    out = np.zeros(256, np.uint32)
+    _transpose(out.view(np.uint16), words.view(np.uint16))
+    assert np.array_equal(out.reshape(16, 16), words.reshape(16, 16).T)
 
 
 def test_v16exp2_relative_error():
