@@ -7,7 +7,8 @@ tensors the Numba CPU kernel (`cpu_attention`, which hands sequences with many q
 gather + torch SDPA in `cpu_sdpa`, faster there); `reference` holds the torch oracle,
 `testing` builds test inputs; `cpu_int8` is the model's int8 weight-only matmul where torch's
 is not vectorised, `cpu_threads` runs both CPU kernels on torch's thread count; `cpu_fused`
-holds the model's RMSNorm and RoPE as one Numba call each on CPU.
+holds the model's RMSNorm, RoPE and SiLU-and-multiply as one Numba call each on CPU; `simd`,
+`simd512` and `simd512_math` are the vector intrinsics the CPU kernels are written in.
 The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
 (and a test process may still switch on the CUDA simulator before it does).
 """

@@ -36,7 +36,6 @@ from .cpu_tiles import _NEG, _exp2
 from .simd import prefetch_l2
 from .simd512 import (
     v16add,
-    v16exp2,
     v16first,
     v16hmax,
     v16hsum,
@@ -52,6 +51,7 @@ from .simd512 import (
     v32interleave,
     vdot_bf16_pair,
 )
+from .simd512_math import v16exp2
 
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 KEY_TILE = 64  # keys per online-softmax step: four vectors of scores

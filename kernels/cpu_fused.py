@@ -28,7 +28,8 @@ from numba.extending import overload
 from .cpu_threads import numba_threads_as_torch
 from .cpu_tiles import _widen
 from .simd import f32_as_i32, i32_as_f32
-from .simd512 import v16load_bf16, v16mul, v16round_bf16, v16silu, v16store_bf16
+from .simd512 import v16load_bf16, v16mul, v16round_bf16, v16store_bf16
+from .simd512_math import v16silu
 
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True}
 SUPPORTED = (torch.float32, torch.bfloat16)

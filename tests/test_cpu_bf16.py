@@ -16,7 +16,6 @@ from pensieve.kernels import cpu_attention
 from pensieve.kernels.reference import paged_attention_reference
 from pensieve.kernels.simd512 import (
     has_avx512_bf16,
-    v16exp2,
     v16first,
     v16hmax,
     v16hsum,
@@ -27,6 +26,7 @@ from pensieve.kernels.simd512 import (
     v16zero,
     vdot_bf16_pair,
 )
+from pensieve.kernels.simd512_math import v16exp2
 from pensieve.kernels.testing import make_paged_case
 
 pytestmark = pytest.mark.skipif(not has_avx512_bf16(), reason="this CPU has no AVX512-BF16")
