@@ -168,21 +168,21 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.uint16).numpy()
 
 
-def _parts(rows: int) -> int:
-    """How many threads share a call's rows: torch's count from PARALLEL_ROWS rows, else 1."""
-    return torch.get_num_threads() if rows >= PARALLEL_ROWS else 1
+def _run_rows(serial, parallel, rows: int, *args) -> None:
+    """serial(*args) for fewer than PARALLEL_ROWS rows, else parallel(*args, n) on torch's n
+    threads, each a contiguous share of the rows."""
+    if rows < PARALLEL_ROWS:
+        serial(*args)
+        return
+    with numba_threads_as_torch():
+        parallel(*args, torch.get_num_threads())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * RMSNorm(x) over the last dim of x [T, H] (weight in x's dtype)."""
     out = torch.empty_like(x)
     args = (_np(x), _np(weight.view(1, -1)), np.float32(eps), _np(out))
-    parts = _parts(x.shape[0])
-    if parts == 1:
-        _rms_norm(*args)
-    else:
-        with numba_threads_as_torch():
-            _rms_norm_parallel(*args, parts)
+    _run_rows(_rms_norm, _rms_norm_parallel, x.shape[0], *args)
     return out
 
 
@@ -197,13 +197,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     pass where torch's SiLU of the strided half and its multiply took ~0.6 ms a layer at 512
     rows after the GEMM (2-core Zen 4); torch's bits on the finite inputs tested."""
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-    args = (_np(gate_up), _np(out))
-    parts = _parts(gate_up.shape[0])
-    if parts == 1:
-        _silu_mul(*args)
-    else:
-        with numba_threads_as_torch():
-            _silu_mul_parallel(*args, parts)
+    _run_rows(_silu_mul, _silu_mul_parallel, gate_up.shape[0], _np(gate_up), _np(out))
     return out
 
 
