@@ -201,13 +201,15 @@ def v16mul(typingctx, a, b):
     return f32x16(f32x16, f32x16), codegen
 
 
+def _bf16_arrays(*arrays) -> bool:
+    """Whether every operand is a uint16 array (bfloat16 bits), as the intrinsics below take."""
+    return all(isinstance(x, types.Array) and x.dtype == types.uint16 for x in arrays)
+
+
 def _takes_bf16_dot(acc, a, b) -> bool:
     """Whether the `vdpbf16ps` intrinsics take these operand types: an f32x16 accumulator and
     two uint16 arrays of bfloat16 bits."""
-    arrays = (a, b)
-    return acc == f32x16 and all(
-        isinstance(x, types.Array) and x.dtype == types.uint16 for x in arrays
-    )
+    return acc == f32x16 and _bf16_arrays(a, b)
 
 
 def _bits32(context, builder, sig, args, arr_index: int, flat_index: int):
@@ -250,8 +252,7 @@ def vdot_bf16_pair(typingctx, acc, a, fa, b, fb):
 def v32interleave(typingctx, dst, fd, a, fa, b, fb):
     """dst[fd+2k] = a[fa+k] and dst[fd+2k+1] = b[fb+k] for k < 32 (uint16 arrays): two rows of
     bfloat16 bits as the pairs `vdot_bf16_pair` multiplies."""
-    arrays = (dst, a, b)
-    if not all(isinstance(x, types.Array) and x.dtype == types.uint16 for x in arrays):
+    if not _bf16_arrays(dst, a, b):
         return None
 
     def codegen(context, builder, sig, args):
@@ -278,7 +279,7 @@ def v16transpose_words(typingctx, dst, fd, ds, src, fs, ss):
     source row j (src[fs + j * ss:], 16 words) becomes word j of destination row k (dst[fd +
     k * ds:]). Four butterfly stages of shuffles: K rows turned into the rows of dim pairs
     that `vdot_bf16_pair` multiplies, 16 keys a vector."""
-    if not all(isinstance(x, types.Array) and x.dtype == types.uint16 for x in (dst, src)):
+    if not _bf16_arrays(dst, src):
         return None
 
     def codegen(context, builder, sig, args):
@@ -450,7 +451,6 @@ def v16hsum(typingctx, v):
     return types.float32(f32x16), codegen
 
 
-# exp2's polynomial on [-0.5, 0.5] (`cpu_tiles._exp2`, the same coefficients, relative error 3e-7)
 @intrinsic
 def v16max(typingctx, a, b):
     """The larger of a and b lane by lane (llvm.maxnum)."""
