@@ -1,0 +1,258 @@
+"""A few bfloat16 rows times a bfloat16 weight, in oneDNN's summation order: decode's matmuls
+at memory speed, with the bits of the GEMM that prefill runs.
+
+Why: oneDNN's prepacked GEMM (`pensieve.linear`) is built for many rows. At one row it read a
+decode step's weights at ~20 GB/s, at 8-32 rows it ran 10-35% slower than these kernels
+(2-core AMD Zen 4 EPYC, avx512_bf16; bench/README.md, "A few rows in oneDNN's order"). A
+different kernel may only take some of a step's rows if every row keeps the bits oneDNN gives
+it, or the stateful == stateless invariant breaks (`batch_invariant`). So these kernels sum as
+oneDNN's brgemm does on avx512_core_bf16, found by probing it (a +2**60 and a -2**60 at two
+positions of K, ones elsewhere: the ones that survive tell where the two meet in the sum tree):
+each output is one `vdpbf16ps` accumulator over K's pairs in order (the odd product added
+before the even one, by the instruction), restarted every `chunk` elements of K (512 of 576,
+1024 of 1536 on that CPU), the chunks' sums added in order, rounded to bfloat16 to nearest
+even. The chunk is not assumed: `onednn_chunk` reads it from oneDNN's sum tree for the shape,
+and `few_rows_weight` compares bits with oneDNN's on random rows when the weight is packed; a
+weight whose chunk or bits do not match is left to oneDNN.
+
+Layout: `blocked` copies the weight [N, K] into units of 32 features, K's pairs outermost in a
+unit, then 32 features x 2 (one pair of 16 lanes per `vdpbf16ps`): [N/64, K/2, 64, 2], a unit
+the half of each 256-byte row. Threads take contiguous shares of the units; within a unit rows
+go four at a time (eight accumulators; the unit's weights read from memory once, from L2 for
+the next four rows), the unit after it prefetched into L2 meanwhile, then the rest one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .cpu_threads import numba_threads_as_torch
+from .simd import prefetch_l2
+from .simd512 import has_avx512_bf16, v16add, v16store_bf16, v16zero, vdot_bf16_pair
+
+UNIT = 32  # features a work item computes (two 16-lane accumulators a row)
+BLOCK = 2 * UNIT  # features of a row of the blocked weight: two units side by side
+PAIR_ROW = 2 * BLOCK  # uint16 elements of one K pair of a block
+CHECK_ROWS = 37  # random rows compared with oneDNN's: every path (fours and single rows)
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+_FAST = {"fastmath": True, "error_model": "numpy", "cache": True, "nogil": True}
+
+
+@njit(inline="always", **_FAST)
+def _one_row(x, row, w, start, pair_lo, pair_hi, halves):
+    """One row's sums over K pairs [pair_lo, pair_hi) for the unit whose pairs start at
+    `start`, and for the unit beside it where `halves` is 2 (a whole block: one contiguous
+    stream from memory, four accumulators)."""
+    a0 = v16zero()
+    a1 = v16zero()
+    a2 = v16zero()
+    a3 = v16zero()
+    if halves == 2:
+        for p in range(pair_lo, pair_hi):
+            at = start + p * PAIR_ROW
+            a0 = vdot_bf16_pair(a0, x, row + 2 * p, w, at)
+            a1 = vdot_bf16_pair(a1, x, row + 2 * p, w, at + UNIT)
+            a2 = vdot_bf16_pair(a2, x, row + 2 * p, w, at + 2 * UNIT)
+            a3 = vdot_bf16_pair(a3, x, row + 2 * p, w, at + 3 * UNIT)
+    else:
+        for p in range(pair_lo, pair_hi):
+            at = start + p * PAIR_ROW
+            a0 = vdot_bf16_pair(a0, x, row + 2 * p, w, at)
+            a1 = vdot_bf16_pair(a1, x, row + 2 * p, w, at + UNIT)
+    return a0, a1, a2, a3
+
+
+@njit(inline="always", **_FAST)
+def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
+    """Four rows' sums over K pairs [pair_lo, pair_hi) for one unit; two lines from `ahead`
+    on are prefetched into L2 per pair (the next unit's, for the rows after these)."""
+    a00 = v16zero()
+    a01 = v16zero()
+    a10 = v16zero()
+    a11 = v16zero()
+    a20 = v16zero()
+    a21 = v16zero()
+    a30 = v16zero()
+    a31 = v16zero()
+    for p in range(pair_lo, pair_hi):
+        at = start + p * PAIR_ROW
+        prefetch_l2(w, ahead + p * PAIR_ROW)
+        prefetch_l2(w, ahead + p * PAIR_ROW + UNIT)
+        a00 = vdot_bf16_pair(a00, x, r0 + 2 * p, w, at)
+        a01 = vdot_bf16_pair(a01, x, r0 + 2 * p, w, at + UNIT)
+        a10 = vdot_bf16_pair(a10, x, r1 + 2 * p, w, at)
+        a11 = vdot_bf16_pair(a11, x, r1 + 2 * p, w, at + UNIT)
+        a20 = vdot_bf16_pair(a20, x, r2 + 2 * p, w, at)
+        a21 = vdot_bf16_pair(a21, x, r2 + 2 * p, w, at + UNIT)
+        a30 = vdot_bf16_pair(a30, x, r3 + 2 * p, w, at)
+        a31 = vdot_bf16_pair(a31, x, r3 + 2 * p, w, at + UNIT)
+    return a00, a01, a10, a11, a20, a21, a30, a31
+
+
+@njit(inline="always", **_FAST)
+def _unit_start(unit, pairs):
+    """Where unit `unit`'s first K pair starts in the blocked weight."""
+    return (unit // 2) * pairs * PAIR_ROW + (unit % 2) * 2 * UNIT
+
+
+@njit(**_FAST)
+def _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit):
+    """out[rows in fours, unit's features] = x @ W.T, chunk by chunk of K; unit `ahead_unit`
+    prefetched meanwhile."""
+    pairs = k_dim // 2
+    start = _unit_start(unit, pairs)
+    ahead = _unit_start(ahead_unit, pairs)
+    for m in range(0, rows - rows % 4, 4):
+        r0 = m * k_dim
+        r1 = r0 + k_dim
+        r2 = r1 + k_dim
+        r3 = r2 + k_dim
+        t = _four_rows(x, r0, r1, r2, r3, w, start, 0, min(chunk_pairs, pairs), ahead)
+        for lo in range(chunk_pairs, pairs, chunk_pairs):
+            s = _four_rows(x, r0, r1, r2, r3, w, start, lo, min(lo + chunk_pairs, pairs), ahead)
+            t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]),
+                 v16add(t[3], s[3]), v16add(t[4], s[4]), v16add(t[5], s[5]),
+                 v16add(t[6], s[6]), v16add(t[7], s[7]))  # fmt: skip
+        for i in range(4):
+            o = (m + i) * n_dim + unit * UNIT
+            v16store_bf16(out, o, t[2 * i])
+            v16store_bf16(out, o + 16, t[2 * i + 1])
+
+
+@njit(**_FAST)
+def _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves):
+    """out[rows past the fours, features of `halves` units from `unit`] = x @ W.T."""
+    pairs = k_dim // 2
+    start = _unit_start(unit, pairs)
+    for m in range(rows - rows % 4, rows):
+        t = _one_row(x, m * k_dim, w, start, 0, min(chunk_pairs, pairs), halves)
+        for lo in range(chunk_pairs, pairs, chunk_pairs):
+            s = _one_row(x, m * k_dim, w, start, lo, min(lo + chunk_pairs, pairs), halves)
+            t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]), v16add(t[3], s[3]))
+        o = m * n_dim + unit * UNIT
+        for i in range(2 * halves):
+            v16store_bf16(out, o + 16 * i, t[i])
+
+
+@njit(**_FAST)
+def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
+    """out[:, units] = x @ W.T for units [unit_lo, unit_hi): a whole block at a time where the
+    share holds both its units (a single row streams it in one pass), else one unit."""
+    rows = x.size // k_dim
+    chunk_pairs = chunk // 2
+    unit = unit_lo
+    while unit < unit_hi:
+        halves = 2 if unit % 2 == 0 and unit + 1 < unit_hi else 1
+        for h in range(halves):
+            ahead = min(unit + h + 1, unit_hi - 1)
+            _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit + h, ahead)
+        _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves)
+        unit += halves
+
+
+@njit(parallel=True, **_FAST)
+def _matmul(x, w, out, k_dim, n_dim, chunk, threads):
+    """out = x @ W.T (flat uint16 bits), the units split into one contiguous share a thread."""
+    units = n_dim // UNIT
+    for t in prange(threads):
+        _units(x, w, out, k_dim, n_dim, chunk, units * t // threads, units * (t + 1) // threads)
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether these kernels take this weight: bfloat16 [N, K] on CPU, N a multiple of 64 and K
+    of 2, on a CPU with avx512_bf16."""
+    n_dim, k_dim = weight.shape
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and n_dim % BLOCK == 0
+        and k_dim % 2 == 0
+        and has_avx512_bf16()
+    )
+
+
+def blocked(weight: torch.Tensor) -> np.ndarray:
+    """The weight [N, K] as the kernels read it: [N/64, K/2, 64, 2] bfloat16 bits, flat."""
+    n_dim, k_dim = weight.shape
+    bits = weight.detach().contiguous().view(torch.uint16)
+    tiles = bits.view(n_dim // BLOCK, BLOCK, k_dim // 2, 2).permute(0, 2, 1, 3)
+    return tiles.contiguous().numpy().reshape(-1)
+
+
+class FewRowsWeight:
+    """A weight's blocked copy and oneDNN's K chunk for it: `matmul` of a few bfloat16 rows
+    with the bits oneDNN gives them."""
+
+    __slots__ = ("blocks", "chunk", "out_features", "in_features")
+
+    def __init__(self, weight: torch.Tensor, chunk: int):
+        self.out_features, self.in_features = weight.shape
+        self.blocks = blocked(weight)
+        self.chunk = chunk
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for x [M, K] in bfloat16."""
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)
+        if x.shape[0]:
+            threads = numba_threads_as_torch()
+            with threads:
+                _matmul(_flat_bits(x), self.blocks, _flat_bits(out), self.in_features,
+                        self.out_features, self.chunk, threads.threads)  # fmt: skip
+        return out
+
+
+def _flat_bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.uint16).numpy().reshape(-1)
+
+
+def few_rows_weight(
+    weight: torch.Tensor, onednn: Callable[[torch.Tensor], Matmul]
+) -> FewRowsWeight | None:
+    """The weight for these kernels with oneDNN's K chunk for its shape (`onednn_chunk`), if
+    they then give the bits of oneDNN's matmul of it (`onednn(weight)`) on random rows; None
+    where they do not, or the weight does not `fit`."""
+    if not fits(weight):
+        return None
+    n_dim, k_dim = weight.shape
+    chunk = onednn_chunk(n_dim, k_dim, onednn)
+    if chunk is None:
+        return None
+    few = FewRowsWeight(weight, chunk)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_ROWS, k_dim, generator=gen).to(torch.bfloat16)
+    same = torch.equal(few.matmul(x).view(torch.uint16), onednn(weight)(x).view(torch.uint16))
+    return few if same else None
+
+
+_chunks: dict[tuple[int, int, int], int | None] = {}
+
+
+def onednn_chunk(n_dim: int, k_dim: int, onednn: Callable[[torch.Tensor], Matmul]) -> int | None:
+    """How many elements of K oneDNN's matmul of an [n_dim, k_dim] weight sums in one
+    accumulator before it starts the next (K itself where it never does); None where its
+    restarts are not evenly spaced. Read from the sum tree, not from sums of random rows (a
+    wrong chunk changes ~1 bfloat16 output in 5000): with a weight of ones, row c holds
+    +2**60 and -2**60 at K positions c and c + 1 and ones at c - 2 and c - 1, so its sum is 2
+    where c starts a new accumulator (the ones were summed apart from the two that cancel)
+    and 0 where the accumulator runs on (the ones vanished into the 2**60). Once per shape and
+    thread count."""
+    key = (n_dim, k_dim, torch.get_num_threads())
+    if key not in _chunks:
+        starts = torch.arange(2, k_dim - 1, 2)
+        x = torch.zeros(len(starts), k_dim)
+        rows = torch.arange(len(starts))
+        x[rows, starts] = 2.0**60
+        x[rows, starts + 1] = -(2.0**60)
+        x[rows, starts - 1] = x[rows, starts - 2] = 1.0
+        ones = torch.ones(n_dim, k_dim, dtype=torch.bfloat16)
+        sums = onednn(ones)(x.to(torch.bfloat16))[:, 0].float()
+        restarts = starts[sums == 2].tolist()
+        chunk = restarts[0] if restarts else k_dim
+        even = restarts == list(range(chunk, k_dim, chunk)) and bool((sums[sums != 2] == 0).all())
+        _chunks[key] = chunk if even else None
+    return _chunks[key]
