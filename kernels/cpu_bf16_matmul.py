@@ -2,7 +2,7 @@
 at memory speed, with the bits of the GEMM that prefill runs.
 
 Why: oneDNN's prepacked GEMM (`pensieve.linear`) is built for many rows. At one row it read a
-decode step's weights at ~20 GB/s, at 8-32 rows it ran 10-35% slower than these kernels
+decode step's weights at ~20 GB/s (these kernels: 30-40), at 8-256 rows it ran 0-35% slower
 (2-core AMD Zen 4 EPYC, avx512_bf16; bench/README.md, "A few rows in oneDNN's order"). A
 different kernel may only take some of a step's rows if every row keeps the bits oneDNN gives
 it, or the stateful == stateless invariant breaks (`batch_invariant`). So these kernels sum as
@@ -156,7 +156,8 @@ def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
 
 @njit(parallel=True, **_FAST)
 def _matmul(x, w, out, k_dim, n_dim, chunk, threads):
-    """out = x @ W.T (flat uint16 bits), the units split into one contiguous share a thread."""
+    """out = x @ W.T (C-contiguous uint16 bits), the units split into one contiguous share a
+    thread."""
     units = n_dim // UNIT
     for t in prange(threads):
         _units(x, w, out, k_dim, n_dim, chunk, units * t // threads, units * (t + 1) // threads)
@@ -197,17 +198,13 @@ class FewRowsWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for x [M, K] in bfloat16."""
         x = x.contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)
+        out = np.empty((x.shape[0], self.out_features), np.uint16)  # numpy's: ~1 us less
         if x.shape[0]:
             threads = numba_threads_as_torch()
             with threads:
-                _matmul(_flat_bits(x), self.blocks, _flat_bits(out), self.in_features,
+                _matmul(x.view(torch.uint16).numpy(), self.blocks, out, self.in_features,
                         self.out_features, self.chunk, threads.threads)  # fmt: skip
-        return out
-
-
-def _flat_bits(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint16).numpy().reshape(-1)
+        return torch.from_numpy(out).view(torch.bfloat16)
 
 
 def few_rows_weight(

@@ -5,7 +5,7 @@
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
   Up to `FEW_ROWS` bfloat16 rows run `kernels/cpu_bf16_matmul` instead where it reproduces
-  oneDNN's bits for the weight (checked when packing): a decode step's matmuls at ~2x the speed.
+  oneDNN's bits for the weight (checked when packing): a one-row step's matmuls ~1.6x faster.
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
   torch's int8 matmul where it is vectorised (AVX-512; a few bfloat16 rows by
   `cpu_int8_torch_order`'s copy of its bits, faster), by `kernels/cpu_int8.py` elsewhere.
@@ -31,9 +31,10 @@ from pensieve.kernels.cpu_int8 import (
 from pensieve.kernels.cpu_int8_torch_order import FASTER_UP_TO_ROWS
 
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
-# Up to this many rows `cpu_bf16_matmul` runs a bfloat16 matmul, more rows oneDNN's GEMM (at
-# 1 row 0.3-0.6 of oneDNN's time, at 8-32 rows 0.65-0.95; 2-core Zen 4 EPYC, weights from DRAM)
-FEW_ROWS = 32
+# Up to this many rows `cpu_bf16_matmul` runs a bfloat16 matmul, more rows oneDNN's GEMM. Its
+# time over oneDNN's, weights from DRAM (2-core Zen 4 EPYC): 1 row 0.45-0.76, 24-64 rows
+# 0.75-1.0, 96-256 rows 0.82-0.99, 280-512 rows 0.91-1.03 (even: prefill keeps oneDNN's)
+FEW_ROWS = 256
 
 
 class Linear(nn.Linear):
