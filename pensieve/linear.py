@@ -66,7 +66,7 @@ class Linear(nn.Linear):
             return self.int8_matmul(x, prepared)
         if self.packed is not None and x.dtype == self.weight.dtype:
             few = self.few_rows
-            if few is not None and x.shape[0] <= FEW_ROWS:
+            if few is not None and x.dim() == 2 and x.shape[0] <= FEW_ROWS:
                 return few.matmul(x)
             return onednn_matmul(x, self.packed)
         return F.linear(x, self.weight)

@@ -114,5 +114,7 @@ def test_linear_routes_few_rows_and_keeps_bits():
         many = layer(x)
         few = layer(x[:FEW_ROWS])
         one = layer(x[3:4])
+        batched = layer(x[None, :4])  # a leading batch dimension goes to oneDNN
     assert torch.equal(_bits(few), _bits(many[:FEW_ROWS]))
     assert torch.equal(_bits(one), _bits(many[3:4]))
+    assert batched.shape == (1, 4, 960) and torch.equal(_bits(batched[0]), _bits(many[:4]))
