@@ -37,9 +37,11 @@ from .simd512 import has_avx512_bf16, v16add, v16store_bf16, v16zero, vdot_bf16_
 UNIT = 32  # features a work item computes (two 16-lane accumulators a row)
 BLOCK = 2 * UNIT  # features of a row of the blocked weight: two units side by side
 PAIR_ROW = 2 * BLOCK  # uint16 elements of one K pair of a block
-CHECK_ROWS = 37  # random rows compared with oneDNN's: every path (fours and single rows)
+CHECK_ROWS = 259  # random rows compared with oneDNN's many-row call (fours and single rows)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
-_FAST = {"fastmath": True, "error_model": "numpy", "cache": True, "nogil": True}
+_AVX512_BF16 = has_avx512_bf16()
+# no fastmath: it would let LLVM reorder the chunks' float adds, and the order is the point
+_FAST = {"error_model": "numpy", "cache": True, "nogil": True}
 
 
 @njit(inline="always", **_FAST)
@@ -142,7 +144,7 @@ def _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves):
 def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
     """out[:, units] = x @ W.T for units [unit_lo, unit_hi): a whole block at a time where the
     share holds both its units (a single row streams it in one pass), else one unit."""
-    rows = x.size // k_dim
+    rows = x.shape[0]
     chunk_pairs = chunk // 2
     unit = unit_lo
     while unit < unit_hi:
@@ -172,7 +174,7 @@ def fits(weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and n_dim % BLOCK == 0
         and k_dim % 2 == 0
-        and has_avx512_bf16()
+        and _AVX512_BF16
     )
 
 
@@ -197,6 +199,11 @@ class FewRowsWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for x [M, K] in bfloat16."""
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"cpu_bf16_matmul: x {tuple(x.shape)} {x.dtype} does not fit [M, "
+                f"{self.in_features}] bfloat16"
+            )
         x = x.contiguous()
         out = np.empty((x.shape[0], self.out_features), np.uint16)  # numpy's: ~1 us less
         if x.shape[0]:
@@ -232,24 +239,31 @@ _chunks: dict[tuple[int, int, int], int | None] = {}
 def onednn_chunk(n_dim: int, k_dim: int, onednn: Callable[[torch.Tensor], Matmul]) -> int | None:
     """How many elements of K oneDNN's matmul of an [n_dim, k_dim] weight sums in one
     accumulator before it starts the next (K itself where it never does); None where its
-    restarts are not evenly spaced. Read from the sum tree, not from sums of random rows (a
-    wrong chunk changes ~1 bfloat16 output in 5000): with a weight of ones, row c holds
-    +2**60 and -2**60 at K positions c and c + 1 and ones at c - 2 and c - 1, so its sum is 2
-    where c starts a new accumulator (the ones were summed apart from the two that cancel)
-    and 0 where the accumulator runs on (the ones vanished into the 2**60). Once per shape and
-    thread count."""
+    restarts are not evenly spaced or their sums not added in order. Read from the sum tree,
+    not from sums of random rows (a wrong chunk changes ~1 bfloat16 output in 5000): with a
+    weight of ones, row c holds +2**60 and -2**60 at K positions c and c + 1 and ones at
+    c - 2 and c - 1, so its sum is 2 where c starts a new accumulator (the ones were summed
+    apart from the two that cancel) and 0 where the accumulator runs on (the ones vanished
+    into the 2**60). With three chunks or more, one more row (a one in the first, +2**60 in
+    the second, -2**60 in the third) sums to 0 where the chunks are added one after another
+    (a tree adding the last two first keeps the one). Once per shape and thread count."""
     key = (n_dim, k_dim, torch.get_num_threads())
     if key not in _chunks:
+        big = 2.0**60
         starts = torch.arange(2, k_dim - 1, 2)
-        x = torch.zeros(len(starts), k_dim)
+        x = torch.zeros(len(starts), k_dim, dtype=torch.bfloat16)
         rows = torch.arange(len(starts))
-        x[rows, starts] = 2.0**60
-        x[rows, starts + 1] = -(2.0**60)
+        x[rows, starts] = big
+        x[rows, starts + 1] = -big
         x[rows, starts - 1] = x[rows, starts - 2] = 1.0
-        ones = torch.ones(n_dim, k_dim, dtype=torch.bfloat16)
-        sums = onednn(ones)(x.to(torch.bfloat16))[:, 0].float()
+        of_ones = onednn(torch.ones(n_dim, k_dim, dtype=torch.bfloat16))
+        sums = of_ones(x)[:, 0].float()
         restarts = starts[sums == 2].tolist()
         chunk = restarts[0] if restarts else k_dim
         even = restarts == list(range(chunk, k_dim, chunk)) and bool((sums[sums != 2] == 0).all())
+        if even and len(restarts) >= 2:  # the order the chunks' sums are added in
+            order = torch.zeros(1, k_dim, dtype=torch.bfloat16)
+            order[0, 0], order[0, chunk], order[0, 2 * chunk] = 1.0, big, -big
+            even = bool(of_ones(order)[0, 0] == 0)
         _chunks[key] = chunk if even else None
     return _chunks[key]

@@ -5,7 +5,8 @@
   step's matmuls ran 1.3-2x faster than `F.linear` on the plain tensor (bfloat16, 1 row), and
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
   Up to `FEW_ROWS` bfloat16 rows run `kernels/cpu_bf16_matmul` instead where it reproduces
-  oneDNN's bits for the weight (checked when packing): a one-row step's matmuls ~1.6x faster.
+  oneDNN's bits for the weight (checked when packing): a one-row step's matmuls ~1.6x faster,
+  for a second copy of the weight (`few_rows`, ~270 MB for the default model).
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
   torch's int8 matmul where it is vectorised (AVX-512; a few bfloat16 rows by
   `cpu_int8_torch_order`'s copy of its bits, faster), by `kernels/cpu_int8.py` elsewhere.
@@ -57,6 +58,9 @@ class Linear(nn.Linear):
     def __setattr__(self, name: str, value: object) -> None:
         if name in ("qweight", "qscale"):  # a new int8 weight: converted again at its next use
             self.__dict__.pop("int8_weight", None)
+            if value is not None:  # the dense copies are unused from now on
+                self.__dict__.pop("packed", None)
+                self.__dict__.pop("few_rows", None)
         super().__setattr__(name, value)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,9 @@ def pack_for_cpu(model: nn.Module) -> int:
     return count
 
 
-def _onednn_of(weight: torch.Tensor, packed: torch.Tensor) -> Callable:
+def _onednn_of(
+    weight: torch.Tensor, packed: torch.Tensor
+) -> Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """w -> oneDNN's matmul of w, from `packed` where w is `weight` (packed already)."""
 
     def onednn(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
