@@ -39,7 +39,6 @@ BLOCK = 2 * UNIT  # features of a row of the blocked weight: two units side by s
 PAIR_ROW = 2 * BLOCK  # uint16 elements of one K pair of a block
 CHECK_ROWS = 259  # random rows compared with oneDNN's many-row call (fours and single rows)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
-_AVX512_BF16 = has_avx512_bf16()
 # no fastmath: it would let LLVM reorder the chunks' float adds, and the order is the point
 _FAST = {"error_model": "numpy", "cache": True, "nogil": True}
 
@@ -174,7 +173,7 @@ def fits(weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and n_dim % BLOCK == 0
         and k_dim % 2 == 0
-        and _AVX512_BF16
+        and has_avx512_bf16()
     )
 
 

@@ -11,6 +11,8 @@ the instruction.
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -53,6 +55,7 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V16)
 
 
+@functools.cache  # a CPU flag: read once a process
 def has_avx512_bf16() -> bool:
     """Whether this CPU has `vdpbf16ps` (the `avx512_bf16` flag in /proc/cpuinfo)."""
     try:
