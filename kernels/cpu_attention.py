@@ -147,7 +147,13 @@ def _spread_bf16(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out
     for lane in prange(lanes):
         for w in range(lane, items, lanes):
             b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
-            attend_tile_bf16(q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d)
+            following = (tables[b], 0, 0)  # the thread's next item: its first tile prefetched
+            if w + lanes < items:
+                b2, lo2, _, h2 = _work_item(w + lanes, tile_start, starts, parts, heads, qtile)
+                following = (tables[b2], min(pos[lo2] + 1, ctx[b2]), h2)
+            attend_tile_bf16(
+                q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d, following
+            )
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)

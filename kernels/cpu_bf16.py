@@ -18,9 +18,9 @@ for what this instruction set offers:
   float32 FMAs over widened V: a 512-token prefill 1.89 -> 1.58 ms a layer, 24 decode rows
   with a 256-token chunk 2.92 -> 2.44 (AMD Zen 4), decode alone about the same;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
-- the next key tile prefetched one row at a time while this tile's V is paired, not in one
-  burst per block as in `cpu_tiles` (faster from DRAM on AMD Zen 5, no change on Intel), and
-  into L2 only (faster on AMD Zen 4, whose L1 the next tiles overflowed);
+- the next key tile prefetched into L2 two rows at a time inside the first query's score
+  loop (`_prefetch_keys`), not in one burst per block as in `cpu_tiles`; after a work item's
+  last tile, the first tile of the thread's next item, which had started cold;
 - everything else as in `cpu_tiles` (items over the cores).
 A row's sums run in one order wherever the row sits in the batch, as there (`deterministic`).
 Compiled only where the CPU has `avx512_bf16` (`simd512.has_avx512_bf16`); elsewhere
@@ -89,13 +89,35 @@ def _transpose_tile(kc, kt, n, ks, d, bases):
 
 
 @njit(inline="always", **_FAST)
-def _scores64(q, qb, kt, d):
+def _prefetch_keys(kc, vc, ahead, k, ks, d, npf):
+    """Keys k and k + 1 of the next tile (`ahead`: its `_tile_bases`; `npf` keys), K and V
+    rows of one head, into L2.
+
+    The scores loop calls it once per dim pair, so a tile's prefetches spread over its
+    first query's dot products. Issued in bursts before the compute (64 rows at a time, as
+    this kernel first did), they filled the core's miss buffers and its reorder window, and
+    the compute waited on them: decode of 24 rows from DRAM 0.90 of the burst's time a
+    layer, 6 rows at context 2048 0.92, prefill the same (AMD Zen 4, in-process A/B). Into L2,
+    not L1 (`prefetch_l2`): the next tile of every KV head (48 KB at head dim 64 and 3 KV
+    heads) evicted the current one from a 32 KB L1 (Zen 4: decode of 24 rows from DRAM 0.77
+    -> 0.54 ms a layer; from L3 0.33 -> 0.28; bench/README.md "L2 prefetch")."""
+    for j in range(k, min(k + 2, npf)):
+        row = ahead[j // 16] + (j % 16) * ks
+        for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
+            prefetch_l2(kc, row + e)
+            prefetch_l2(vc, row + e)
+
+
+@njit(inline="always", **_FAST)
+def _scores64(q, qb, kt, d, kc, vc, ahead, ks, npf):
     """The query at qb dotted with the tile's 64 keys in `kt` (`_transpose_tile`), four
     vectors of 16 keys. Each score sums the dim pairs in order in one float32 lane
     (`vdot_bf16_pair`: the query's pair broadcast), so its bits depend on its query and key
     only, not on the rows beside it."""
     s0, s1, s2, s3 = v16zero(), v16zero(), v16zero(), v16zero()
     for p in range(d // 2):
+        if 2 * p < npf:
+            _prefetch_keys(kc, vc, ahead, 2 * p, ks, d, npf)
         row = p * 2 * KEY_TILE
         s0 = vdot_bf16_pair(s0, q, qb + 2 * p, kt, row)
         s1 = vdot_bf16_pair(s1, q, qb + 2 * p, kt, row + 32)
@@ -105,7 +127,7 @@ def _scores64(q, qb, kt, d):
 
 
 @njit(inline="always", **_FAST)
-def _scores64x3(q, qb, qs, kt, d):
+def _scores64x3(q, qb, qs, kt, d, kc, vc, ahead, ks, npf):
     """`_scores64` for the queries at qb, qb + qs and qb + 2 qs: twelve independent chains
     (four wait on the instruction's latency), each kt vector loaded once for the three rows;
     each row's sums in `_scores64`'s order (same bits)."""
@@ -113,6 +135,8 @@ def _scores64x3(q, qb, qs, kt, d):
     b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
     e0, e1, e2, e3 = v16zero(), v16zero(), v16zero(), v16zero()
     for p in range(d // 2):
+        if 2 * p < npf:
+            _prefetch_keys(kc, vc, ahead, 2 * p, ks, d, npf)
         row = p * 2 * KEY_TILE
         x, y, z = qb + 2 * p, qb + qs + 2 * p, qb + 2 * qs + 2 * p  # the three rows' pair p
         a0, a1 = vdot_bf16_pair(a0, q, x, kt, row), vdot_bf16_pair(a1, q, x, kt, row + 32)
@@ -161,27 +185,13 @@ def _softmax64(s0, s1, s2, s3, n, r, m, den, s, so):
 
 
 @njit(inline="always", **_FAST)
-def _pair_tile(kc, vc, table, start, n, block_size, ks, h, vp, zero, d, kmax, bases):
-    """vp = V rows start..start+n-1 of head h in key pairs, as `vdot_bf16_pair` multiplies them
+def _pair_tile(vc, n, ks, vp, zero, d, bases):
+    """vp = the tile's n V rows of one head in key pairs, as `vdot_bf16_pair` multiplies them
     (pair p's dims e..e+31 interleaved at vp[p * 2d + 2e:], an odd last row paired with zeros;
-    bases: where each 16 keys of the tile start, `_tile_bases`); and, beside each row, a
-    prefetch of head h's K and V rows one key tile ahead. One row at a time, the
-    next tile's loads overlap this tile's compute; a burst of the whole next tile (48 KB, as
-    `cpu_tiles` asks) overflows L1 and the core's miss buffers: ~18% slower on a decode batch
-    read from DRAM on AMD Zen 5, no change on an Intel Xeon (bench/README.md, "Prefetch one row
-    at a time"). Into L2, not L1 (`prefetch_l2`): the next tile of every KV head (48 KB at
-    head dim 64 and 3 KV heads) evicted the current one from a 32 KB L1 (Zen 4: decode of 24
-    rows from DRAM 0.77 -> 0.54 ms a layer; from L3 0.33 -> 0.28; "L2 prefetch" there)."""
+    bases: where each 16 keys of the tile start, `_tile_bases`)."""
     for g in range(0, n, 16):
         vb = bases[g // 16]
-        ahead = start + g + KEY_TILE
-        ab = _key_base(table, ahead, block_size, ks, h, d) if ahead < kmax else 0
         rows = min(16, n - g)
-        for j in range(rows):
-            if ahead + j < kmax:
-                for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
-                    prefetch_l2(kc, ab + j * ks + e)
-                    prefetch_l2(vc, ab + j * ks + e)
         for j in range(0, rows, 2):
             first = vb + j * ks
             for e in range(0, d, 32):
@@ -252,11 +262,13 @@ def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv):
 
 
 @njit(inline="always", **_FAST)
-def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
+def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, following):
     """Attention of queries lo..hi-1, query heads of KV heads h0..h1-1, over one sequence's
     pages, in key tiles of 64; q, kc, vc: bfloat16 bits (uint16); c: the score scale times
     log2(e); d: the head dim, a multiple of 64; the block size a multiple of 16; out: the
-    attention in bfloat16 bits (uint16), rounded here as torch rounds float32 to bfloat16."""
+    attention in bfloat16 bits (uint16), rounded here as torch rounds float32 to bfloat16;
+    following: (block table, keys, first KV head) of the thread's next work item, whose first
+    tile is prefetched during this item's last (keys 0: none)."""
     block_size, hkv = kc.shape[1], kc.shape[2]
     hq = q.shape[1]
     group = hq // hkv
@@ -281,7 +293,17 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
         n = min(KEY_TILE, kmax - start)
         for h in range(h0, h1):
             bases = _tile_bases(table, start, n, block_size, ks, h, d)
-            _pair_tile(kc, vc, table, start, n, block_size, ks, h, vp, zero, d, kmax, bases)
+            _pair_tile(vc, n, ks, vp, zero, d, bases)
+            # the next tile's rows of head h, fetched while the first query's scores run;
+            # after the last, the first tile of the thread's next work item (`following`)
+            npf = min(KEY_TILE, kmax - start - KEY_TILE)
+            ahead = (0, 0, 0, 0)
+            if npf > 0:
+                ahead = _tile_bases(table, start + KEY_TILE, npf, block_size, ks, h, d)
+            elif following[1] > 0:
+                table2, keys2, h2 = following
+                npf = min(KEY_TILE, keys2)
+                ahead = _tile_bases(table2, 0, npf, block_size, ks, h2 + h - h0, d)
             _transpose_tile(kc, kt, n, ks, d, bases)
             for i in range(hi - lo):
                 nv = min(n, limit[i] - start)
@@ -290,15 +312,22 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d):
                 r0 = i * heads + (h - h0) * group  # the group's first row
                 qh = ((lo + i) * hq + h * group) * d  # the group's first query head
                 for g in range(0, threes, 3):
-                    u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
-                        q, qh + g * d, d, kt, d
-                    )
+                    if npf > 0:  # the first query of the tile also prefetches
+                        u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
+                            q, qh + g * d, d, kt, d, kc, vc, ahead, ks, npf
+                        )
+                        npf = 0
+                    else:
+                        u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
+                            q, qh + g * d, d, kt, d, kc, vc, ahead, ks, 0
+                        )
                     r = r0 + g
                     alpha[g] = _softmax_row(u0, u1, u2, u3, c, nv, r, m, den, s, g)
                     alpha[g + 1] = _softmax_row(v0, v1, v2, v3, c, nv, r + 1, m, den, s, g + 1)
                     alpha[g + 2] = _softmax_row(w0, w1, w2, w3, c, nv, r + 2, m, den, s, g + 2)
                 for g in range(threes, group):
-                    t0, t1, t2, t3 = _scores64(q, qh + g * d, kt, d)
+                    t0, t1, t2, t3 = _scores64(q, qh + g * d, kt, d, kc, vc, ahead, ks, npf)
+                    npf = 0
                     alpha[g] = _softmax_row(t0, t1, t2, t3, c, nv, r0 + g, m, den, s, g)
                 for e0 in range(0, d, 64):
                     for g in range(0, threes, 3):
