@@ -89,20 +89,21 @@ def _transpose_tile(kc, kt, n, ks, d, bases):
 
 
 @njit(inline="always", **_FAST)
-def _prefetch_keys(kc, vc, ahead, k, ks, d, npf):
-    """Keys k and k + 1 of the next tile (`ahead`: its `_tile_bases`; `npf` keys), K and V
-    rows of one head, into L2.
+def _prefetch_key(kc, vc, ahead, k, ks, d, npf):
+    """Key k of the next tile (`ahead`: its `_tile_bases`; `npf` keys), its K and V rows of
+    one head, into L2, if k < npf.
 
-    The scores loop calls it once per dim pair, so a tile's prefetches spread over its
-    first query's dot products. Issued in bursts before the compute (64 rows at a time, as
-    this kernel first did), they filled the core's miss buffers and its reorder window, and
+    The first query's score loop calls it once per dim pair (keys 0..d/2-1) and its first
+    P.V loop once per key pair (the rest), so a tile's prefetches spread over the compute.
+    Issued in bursts before the compute (64 rows at a time, as this kernel first did), they
+    filled the core's miss buffers and its reorder window, and
     the compute waited on them: decode of 24 rows from DRAM 0.90 of the burst's time a
     layer, 6 rows at context 2048 0.92, prefill the same (AMD Zen 4, in-process A/B). Into L2,
     not L1 (`prefetch_l2`): the next tile of every KV head (48 KB at head dim 64 and 3 KV
     heads) evicted the current one from a 32 KB L1 (Zen 4: decode of 24 rows from DRAM 0.77
     -> 0.54 ms a layer; from L3 0.33 -> 0.28; bench/README.md "L2 prefetch")."""
-    for j in range(k, min(k + 2, npf)):
-        row = ahead[j // 16] + (j % 16) * ks
+    if k < npf:
+        row = ahead[k // 16] + (k % 16) * ks
         for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
             prefetch_l2(kc, row + e)
             prefetch_l2(vc, row + e)
@@ -116,8 +117,7 @@ def _scores64(q, qb, kt, d, kc, vc, ahead, ks, npf):
     only, not on the rows beside it."""
     s0, s1, s2, s3 = v16zero(), v16zero(), v16zero(), v16zero()
     for p in range(d // 2):
-        if 2 * p < npf:
-            _prefetch_keys(kc, vc, ahead, 2 * p, ks, d, npf)
+        _prefetch_key(kc, vc, ahead, p, ks, d, npf)
         row = p * 2 * KEY_TILE
         s0 = vdot_bf16_pair(s0, q, qb + 2 * p, kt, row)
         s1 = vdot_bf16_pair(s1, q, qb + 2 * p, kt, row + 32)
@@ -135,8 +135,7 @@ def _scores64x3(q, qb, qs, kt, d, kc, vc, ahead, ks, npf):
     b0, b1, b2, b3 = v16zero(), v16zero(), v16zero(), v16zero()
     e0, e1, e2, e3 = v16zero(), v16zero(), v16zero(), v16zero()
     for p in range(d // 2):
-        if 2 * p < npf:
-            _prefetch_keys(kc, vc, ahead, 2 * p, ks, d, npf)
+        _prefetch_key(kc, vc, ahead, p, ks, d, npf)
         row = p * 2 * KEY_TILE
         x, y, z = qb + 2 * p, qb + qs + 2 * p, qb + 2 * qs + 2 * p  # the three rows' pair p
         a0, a1 = vdot_bf16_pair(a0, q, x, kt, row), vdot_bf16_pair(a1, q, x, kt, row + 32)
@@ -202,7 +201,7 @@ def _pair_tile(vc, n, ks, vp, zero, d, bases):
 
 
 @njit(inline="always", **_FAST)
-def _pv64(acc, ab, alpha, s, so, vp, vb, d, nv):
+def _pv64(acc, ab, alpha, s, so, vp, vb, d, nv, kc, vc, ahead, ks, npf):
     """acc[ab:ab+64] = acc * alpha + sum over j < nv of s[so+j] * V row j's dims vb..vb+63,
     in bfloat16 pairs of keys (`vdot_bf16_pair`), the panel in four registers throughout."""
     av = v16splat(alpha)
@@ -211,6 +210,7 @@ def _pv64(acc, ab, alpha, s, so, vp, vb, d, nv):
     a2 = v16mul(v16load(acc, ab + 32), av)
     a3 = v16mul(v16load(acc, ab + 48), av)
     for j in range(0, nv, 2):
+        _prefetch_key(kc, vc, ahead, d // 2 + j // 2, ks, d, npf)
         row = j * d + 2 * vb  # pair j // 2
         a0 = vdot_bf16_pair(a0, s, so + j, vp, row)
         a1 = vdot_bf16_pair(a1, s, so + j, vp, row + 32)
@@ -223,7 +223,7 @@ def _pv64(acc, ab, alpha, s, so, vp, vb, d, nv):
 
 
 @njit(inline="always", **_FAST)
-def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv):
+def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv, kc, vc, ahead, ks, npf):
     """`_pv64` for rows g, g+1, g+2 of one GQA group at once (accumulators at ab, ab + d,
     ab + 2d; weights at s[64g:], alphas alpha[g:g+3]): each V pair vector is loaded once for
     the three rows, and twelve independent chains keep both units busy where four wait on
@@ -237,6 +237,7 @@ def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv):
     e0, e1 = v16mul(v16load(acc, ab + 2 * d), b2), v16mul(v16load(acc, ab + 2 * d + 16), b2)
     e2, e3 = v16mul(v16load(acc, ab + 2 * d + 32), b2), v16mul(v16load(acc, ab + 2 * d + 48), b2)
     for j in range(0, nv, 2):
+        _prefetch_key(kc, vc, ahead, d // 2 + j // 2, ks, d, npf)
         row = j * d + 2 * vb
         p = so + j
         a0, a1 = vdot_bf16_pair(a0, s, p, vp, row), vdot_bf16_pair(a1, s, p, vp, row + 32)
@@ -311,12 +312,15 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, foll
                     continue
                 r0 = i * heads + (h - h0) * group  # the group's first row
                 qh = ((lo + i) * hq + h * group) * d  # the group's first query head
+                # the first query of the tile also prefetches (separate inlined copies: a
+                # run-time count in every call slowed the prefill's loops)
+                first = npf
+                npf = 0
                 for g in range(0, threes, 3):
-                    if npf > 0:  # the first query of the tile also prefetches
+                    if first > 0 and g == 0:
                         u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
-                            q, qh + g * d, d, kt, d, kc, vc, ahead, ks, npf
+                            q, qh, d, kt, d, kc, vc, ahead, ks, first
                         )
-                        npf = 0
                     else:
                         u0, u1, u2, u3, v0, v1, v2, v3, w0, w1, w2, w3 = _scores64x3(
                             q, qh + g * d, d, kt, d, kc, vc, ahead, ks, 0
@@ -326,14 +330,22 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, foll
                     alpha[g + 1] = _softmax_row(v0, v1, v2, v3, c, nv, r + 1, m, den, s, g + 1)
                     alpha[g + 2] = _softmax_row(w0, w1, w2, w3, c, nv, r + 2, m, den, s, g + 2)
                 for g in range(threes, group):
-                    t0, t1, t2, t3 = _scores64(q, qh + g * d, kt, d, kc, vc, ahead, ks, npf)
-                    npf = 0
+                    fetch = first if threes == 0 and g == 0 else 0
+                    t0, t1, t2, t3 = _scores64(q, qh + g * d, kt, d, kc, vc, ahead, ks, fetch)
                     alpha[g] = _softmax_row(t0, t1, t2, t3, c, nv, r0 + g, m, den, s, g)
                 for e0 in range(0, d, 64):
                     for g in range(0, threes, 3):
-                        _pv64x3(acc, (r0 + g) * d + e0, alpha, g, s, vp, e0, d, nv)
+                        ab = (r0 + g) * d + e0
+                        if first > 0 and g == 0 and e0 == 0:
+                            _pv64x3(acc, ab, alpha, g, s, vp, e0, d, nv, kc, vc, ahead, ks, first)
+                        else:
+                            _pv64x3(acc, ab, alpha, g, s, vp, e0, d, nv, kc, vc, ahead, ks, 0)
                     for g in range(threes, group):
-                        _pv64(acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vp, e0, d, nv)
+                        fetch = first if threes == 0 and g == 0 and e0 == 0 else 0
+                        _pv64(
+                            acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vp, e0, d, nv,
+                            kc, vc, ahead, ks, fetch,
+                        )  # fmt: skip
     for i in range(hi - lo):
         for k in range(heads):
             inv = v16splat(np.float32(1.0) / den[i * heads + k])
