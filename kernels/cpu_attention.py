@@ -136,7 +136,7 @@ _KERNELS = {64: _attention_d64, 128: _attention_d128, 0: _attention_any}
 
 
 @njit(inline="always", **_KERNEL)
-def _spread_bf16(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, d):
+def _spread_bf16(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, d):
     """The work items through `cpu_bf16.attend_tile_bf16` at head dim d (a literal). A twin of
     `_spread_simd` on purpose: one loop built per tile by a closure factory cannot go in Numba's
     on-disk cache ("uses dynamic globals"), which the tests rely on to skip compiling."""
@@ -152,18 +152,19 @@ def _spread_bf16(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out
                 b2, lo2, _, h2 = _work_item(w + lanes, tile_start, starts, parts, heads, qtile)
                 following = (tables[b2], min(pos[lo2] + 1, ctx[b2]), h2)
             attend_tile_bf16(
-                q, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d, following
-            )
+                q, qrow, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d,
+                following,
+            )  # fmt: skip
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
-def _attention_bf16_d64(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
-    _spread_bf16(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 64)
+def _attention_bf16_d64(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    _spread_bf16(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 64)
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
-def _attention_bf16_d128(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
-    _spread_bf16(q, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 128)
+def _attention_bf16_d128(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out):
+    _spread_bf16(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out, 128)
 
 
 # bfloat16 pools on CPUs with AVX512-BF16, head dims 64 and 128, blocks of 16k keys
@@ -193,16 +194,14 @@ def _pool_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _write_slots(src, slots, dst):
-    """dst[slots[t]] = src[t] for every row t with a slot (>= 0); src [T, H, D] strided as the
-    model's q/k/v split leaves it, dst a pool's flat [slots, H, D]."""
+def _write_slots(src, row_stride, width, slots, dst):
+    """dst[slot * width:][:width] = src[t * row_stride:][:width] for every row t with a slot
+    (>= 0, slots[t]): a token's K or V, all its heads, is `width` contiguous elements in the
+    model's q/k/v rows (row_stride apart) and in the pool's flat slots."""
     for t in range(slots.shape[0]):
         slot = slots[t]
-        if slot < 0:
-            continue
-        for h in range(src.shape[1]):
-            for e in range(src.shape[2]):
-                dst[slot, h, e] = src[t, h, e]
+        if slot >= 0:
+            dst[slot * width : (slot + 1) * width] = src[t * row_stride : t * row_stride + width]
 
 
 class SlotWriter:
@@ -215,18 +214,33 @@ class SlotWriter:
     def write(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> None:
-        """One Numba loop over the rows as their bits, where torch's index_copy_ of the
-        strided rows took ~43 us a call at 512 rows and ~4 at one (2-core Zen 4: the step
-        0.97-0.98 of before at one and 24 decode rows); index_copy_ for other dtypes."""
+        """One Numba copy of each token's row as bits, read in place from the model's q/k/v
+        rows: torch's index_copy_ of the strided rows took ~43 us a call at 512 rows and ~4 at
+        one, a loop over single elements ~49 at 512 (2-core Zen 4). index_copy_ for other
+        dtypes or layouts."""
         hkv, d = k_cache.shape[2:]
         view = _POOL_VIEW.get(k_cache.dtype)  # the kernels' element types serve the copy too
         for new, cache in ((k, k_cache), (v, v_cache)):
             flat = cache.view(-1, hkv, d)
-            if view is not None and new.dtype == cache.dtype:
-                _write_slots(new.view(view).numpy(), self.slot_array, flat.view(view).numpy())
+            rows = _token_rows(new) if view is not None and new.dtype == cache.dtype else None
+            if rows is not None:
+                _write_slots(rows.view(view).numpy(), new.stride(0), hkv * d, self.slot_array,
+                             cache.view(-1).view(view).numpy())  # fmt: skip
                 continue
             keep = self.slots >= 0
             flat.index_copy_(0, self.slots[keep], new[keep])
+
+
+def _token_rows(new: torch.Tensor) -> torch.Tensor | None:
+    """new [T, H, D] as one flat run of memory from its first element to its last, where each
+    token's H * D elements are contiguous (the model's k or v: columns of its q/k/v rows);
+    None for another layout."""
+    if new.is_contiguous():  # also one token whatever its strides: the cheap case first
+        return new.view(-1)
+    t, h, d = new.shape
+    if t == 0 or new.stride(2) != 1 or new.stride(1) != d or new.stride(0) < h * d:
+        return None
+    return new.as_strided(((t - 1) * new.stride(0) + h * d,), (1,))
 
 
 class CpuStep:
@@ -323,28 +337,23 @@ class CpuStep:
         `vdpbf16ps` kernel writes bfloat16 itself, rounded as torch's `.to` rounds (a float32
         output and its conversion cost ~50 us a layer at 32 rows); the others write float32."""
         qtile, heads = self._work_split(q, k_cache)
+        pool = (_pool_numpy(k_cache), _pool_numpy(v_cache), *self.arrays)
+        rest = (np.float32(scale * _LOG2E), qtile, heads, self.skip)
         kernel = bf16_dot_kernel(q, k_cache)
         if kernel is not None:  # the query as its bfloat16 bits, scaled in the kernel
-            queries = q.contiguous().view(torch.uint16).numpy()
+            rows = _token_rows(q)  # read in place from the q/k/v rows (no copy of q)
+            if rows is None:
+                q = q.contiguous()
+                rows = q.view(-1)
             out = torch.empty(q.shape, dtype=q.dtype)
-            target = out.view(torch.uint16).numpy()
-        else:
-            kernel = _KERNELS[tile_kind(q.shape[2], k_cache.shape[1])]
-            queries = q.to(torch.float32).contiguous().numpy()
-            out = torch.empty(q.shape, dtype=torch.float32)
-            target = out.numpy()
-        with numba_threads_as_torch():  # each thread takes every n-th work item (see above)
-            kernel(
-                queries,
-                _pool_numpy(k_cache),
-                _pool_numpy(v_cache),
-                *self.arrays,
-                np.float32(scale * _LOG2E),
-                qtile,
-                heads,
-                self.skip,
-                target,
-            )
+            with numba_threads_as_torch():  # each thread takes every n-th work item (above)
+                kernel(rows.view(torch.uint16).numpy(), q.stride(0), *pool, *rest,
+                       out.view(torch.uint16).numpy())  # fmt: skip
+            return out
+        kernel = _KERNELS[tile_kind(q.shape[2], k_cache.shape[1])]
+        out = torch.empty(q.shape, dtype=torch.float32)
+        with numba_threads_as_torch():
+            kernel(q.to(torch.float32).contiguous().numpy(), *pool, *rest, out.numpy())
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
 

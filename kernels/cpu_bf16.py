@@ -263,15 +263,16 @@ def _pv64x3(acc, ab, alpha, g, s, vp, vb, d, nv, kc, vc, ahead, ks, npf):
 
 
 @njit(inline="always", **_FAST)
-def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, following):
+def attend_tile_bf16(q, qrow, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, following):
     """Attention of queries lo..hi-1, query heads of KV heads h0..h1-1, over one sequence's
-    pages, in key tiles of 64; q, kc, vc: bfloat16 bits (uint16); c: the score scale times
+    pages, in key tiles of 64; q, kc, vc: bfloat16 bits (uint16), q flat with query t's heads
+    at q[t * qrow:] (in place in the model's q/k/v rows); c: the score scale times
     log2(e); d: the head dim, a multiple of 64; the block size a multiple of 16; out: the
     attention in bfloat16 bits (uint16), rounded here as torch rounds float32 to bfloat16;
     following: (block table, keys, first KV head) of the thread's next work item, whose first
     tile is prefetched during this item's last (keys 0: none)."""
     block_size, hkv = kc.shape[1], kc.shape[2]
-    hq = q.shape[1]
+    hq = out.shape[1]
     group = hq // hkv
     ks = hkv * d  # elements from one key to the next within a block
     heads = (h1 - h0) * group  # query heads per query
@@ -311,7 +312,7 @@ def attend_tile_bf16(q, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d, foll
                 if nv <= 0:
                     continue
                 r0 = i * heads + (h - h0) * group  # the group's first row
-                qh = ((lo + i) * hq + h * group) * d  # the group's first query head
+                qh = (lo + i) * qrow + h * group * d  # the group's first query head
                 # the first query of the tile also prefetches (separate inlined copies: a
                 # run-time count in every call slowed the prefill's loops)
                 first = npf

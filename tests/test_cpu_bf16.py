@@ -135,7 +135,8 @@ def _run(case, heads: int) -> torch.Tensor:
     kernel = cpu_attention.bf16_dot_kernel(pc.q, pc.k_cache)
     assert kernel is not None
     k, v = (_bits(c) for c in (pc.k_cache, pc.v_cache))
-    kernel(_bits(pc.q), k, v, *arrays, scale, 5, heads, skip, _bits(out))
+    kernel(_bits(pc.q).reshape(-1), pc.q.stride(0), k, v, *arrays, scale, 5, heads, skip,
+           _bits(out))  # fmt: skip
     return out
 
 
@@ -157,6 +158,24 @@ def test_work_split_does_not_change_a_bit(d, block_size, heads):
     assert not every.isnan().any()
     expected = paged_attention_reference(*case.args())
     torch.testing.assert_close(every, expected, atol=1e-2, rtol=1.6e-2)
+
+
+def test_queries_read_in_place_from_the_fused_rows():
+    """q as the model's fused projection leaves it (each token's heads within its wider
+    q/k/v row) is read in place and gives the bits of a contiguous copy."""
+    case = make_paged_case(SEQS, dtype=torch.bfloat16, seed=11)
+    tokens, hq, d = case.q.shape
+    fused = torch.randn(tokens, hq + 6, d).to(torch.bfloat16)
+    fused[:, :hq] = case.q
+    q = fused[:, :hq]
+    assert not q.is_contiguous()
+    step = cpu_attention.CpuStep(
+        case.block_tables, case.query_start, case.query_positions, case.context_lens
+    )
+    in_place = step.attention(q, case.k_cache, case.v_cache, case.scale)
+    copied = step.attention(q.contiguous(), case.k_cache, case.v_cache, case.scale)
+    assert torch.equal(in_place, copied)
+    assert not in_place.isnan().any()
 
 
 def test_a_row_has_the_same_bits_alone_and_in_a_batch():

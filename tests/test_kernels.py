@@ -159,6 +159,24 @@ def test_write_kv_matches_reference(dtype, slot_dtype):
     assert torch.equal(k_cache[4, 15], k[2])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_write_kv_from_fused_rows_matches_reference(dtype, tokens):
+    """k and v as the model's fused projection leaves them: each token's heads contiguous
+    within its q/k/v row, rows apart by the row's width (copied in place, not gathered)."""
+    gen = torch.Generator().manual_seed(8)
+    k_cache = torch.randn(5, 16, 3, 8, generator=gen).to(dtype)
+    v_cache = torch.randn(5, 16, 3, 8, generator=gen).to(dtype)
+    rows = torch.randn(tokens, (6 + 3 + 3) * 8, generator=gen).to(dtype).view(tokens, 12, 8)
+    k, v = rows[:, 6:9], rows[:, 9:12]
+    slots = torch.tensor([3, -1, 79, 16, 0, -5, 40][:tokens])
+    kc, vc = k_cache.clone(), v_cache.clone()
+    write_kv(k, v, k_cache, v_cache, slots)
+    write_kv_reference(k, v, kc, vc, slots)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    assert torch.equal(v_cache[0, 3], v[0])
+
+
 def test_write_then_attend_round_trip():
     """Tokens written through write_kv are what attention reads back (engine order)."""
     gen = torch.Generator().manual_seed(7)
