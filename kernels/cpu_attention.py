@@ -194,14 +194,16 @@ def _pool_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _write_slots(src, row_stride, width, slots, dst):
-    """dst[slot * width:][:width] = src[t * row_stride:][:width] for every row t with a slot
-    (>= 0, slots[t]): a token's K or V, all its heads, is `width` contiguous elements in the
-    model's q/k/v rows (row_stride apart) and in the pool's flat slots."""
+def _write_slots(src, slots, dst):
+    """dst[slots[t]] = src[t] for every row t with a slot (>= 0); src [T, H, D] strided as the
+    model's q/k/v split leaves it, dst a pool's flat [slots, H, D]."""
     for t in range(slots.shape[0]):
         slot = slots[t]
-        if slot >= 0:
-            dst[slot * width : (slot + 1) * width] = src[t * row_stride : t * row_stride + width]
+        if slot < 0:
+            continue
+        for h in range(src.shape[1]):
+            for e in range(src.shape[2]):
+                dst[slot, h, e] = src[t, h, e]
 
 
 class SlotWriter:
@@ -214,18 +216,15 @@ class SlotWriter:
     def write(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> None:
-        """One Numba copy of each token's row as bits, read in place from the model's q/k/v
-        rows: torch's index_copy_ of the strided rows took ~43 us a call at 512 rows and ~4 at
-        one, a loop over single elements ~49 at 512 (2-core Zen 4). index_copy_ for other
-        dtypes or layouts."""
+        """One Numba loop over the rows as their bits, where torch's index_copy_ of the
+        strided rows took ~43 us a call at 512 rows and ~4 at one (2-core Zen 4: the step
+        0.97-0.98 of before at one and 24 decode rows); index_copy_ for other dtypes."""
         hkv, d = k_cache.shape[2:]
         view = _POOL_VIEW.get(k_cache.dtype)  # the kernels' element types serve the copy too
         for new, cache in ((k, k_cache), (v, v_cache)):
             flat = cache.view(-1, hkv, d)
-            rows = _token_rows(new) if view is not None and new.dtype == cache.dtype else None
-            if rows is not None:
-                _write_slots(rows.view(view).numpy(), new.stride(0), hkv * d, self.slot_array,
-                             cache.view(-1).view(view).numpy())  # fmt: skip
+            if view is not None and new.dtype == cache.dtype:
+                _write_slots(new.view(view).numpy(), self.slot_array, flat.view(view).numpy())
                 continue
             keep = self.slots >= 0
             flat.index_copy_(0, self.slots[keep], new[keep])
