@@ -18,9 +18,9 @@ for what this instruction set offers:
   float32 FMAs over widened V: a 512-token prefill 1.89 -> 1.58 ms a layer, 24 decode rows
   with a 256-token chunk 2.92 -> 2.44 (AMD Zen 4), decode alone about the same;
 - the online softmax per group of 16 keys in registers (one vector), not per key tile;
-- the next key tile prefetched into L2 two rows at a time inside the first query's score
-  loop (`_prefetch_keys`), not in one burst per block as in `cpu_tiles`; after a work item's
-  last tile, the first tile of the thread's next item, which had started cold;
+- the next key tile prefetched into L2 one key an iteration of the first query's score and
+  P.V loops (`_prefetch_key`), not in one burst per block as in `cpu_tiles`; during a work
+  item's last tile, the first tile of the thread's next item, which had started cold;
 - everything else as in `cpu_tiles` (items over the cores).
 A row's sums run in one order wherever the row sits in the batch, as there (`deterministic`).
 Compiled only where the CPU has `avx512_bf16` (`simd512.has_avx512_bf16`); elsewhere
@@ -95,13 +95,11 @@ def _prefetch_key(kc, vc, ahead, k, ks, d, npf):
 
     The first query's score loop calls it once per dim pair (keys 0..d/2-1) and its first
     P.V loop once per key pair (the rest), so a tile's prefetches spread over the compute.
-    Issued in bursts before the compute (64 rows at a time, as this kernel first did), they
-    filled the core's miss buffers and its reorder window, and
-    the compute waited on them: decode of 24 rows from DRAM 0.90 of the burst's time a
-    layer, 6 rows at context 2048 0.92, prefill the same (AMD Zen 4, in-process A/B). Into L2,
-    not L1 (`prefetch_l2`): the next tile of every KV head (48 KB at head dim 64 and 3 KV
-    heads) evicted the current one from a 32 KB L1 (Zen 4: decode of 24 rows from DRAM 0.77
-    -> 0.54 ms a layer; from L3 0.33 -> 0.28; bench/README.md "L2 prefetch")."""
+    Issued in one burst before it (64 rows, as this kernel first did), they filled the core's
+    miss buffers and reorder window, and the compute waited on them. Into L2, not L1
+    (`prefetch_l2`): the next tile of every KV head (48 KB at head dim 64 and 3 KV heads)
+    evicted the current one from a 32 KB L1. Figures: bench/README.md, "Zen 4: prefetches
+    spread through the compute" and "L2 prefetch"."""
     if k < npf:
         row = ahead[k // 16] + (k % 16) * ks
         for e in range(0, d, 32):  # 32 bfloat16: one 64-byte line
