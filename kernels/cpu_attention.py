@@ -150,8 +150,8 @@ def _spread_bf16(q, qrow, kc, vc, tables, starts, pos, ctx, c, qtile, heads, ski
             b, lo, hi, h0 = _work_item(w, tile_start, starts, parts, heads, qtile)
             following = (tables[b], 0, 0)  # the thread's next item: its first tile prefetched
             if w + lanes < items:
-                b2, lo2, _, h2 = _work_item(w + lanes, tile_start, starts, parts, heads, qtile)
-                following = (tables[b2], min(pos[lo2] + 1, ctx[b2]), h2)
+                b2, _, hi2, h2 = _work_item(w + lanes, tile_start, starts, parts, heads, qtile)
+                following = (tables[b2], min(pos[hi2 - 1] + 1, ctx[b2]), h2)  # its last query
             attend_tile_bf16(
                 q, qrow, kc, vc, tables[b], lo, hi, h0, h0 + heads, pos, ctx[b], c, out, d,
                 following,
@@ -231,16 +231,16 @@ class SlotWriter:
             flat.index_copy_(0, self.slots[keep], new[keep])
 
 
-def _token_rows(new: torch.Tensor) -> torch.Tensor | None:
-    """new [T, H, D] as one flat run of memory from its first element to its last, where each
-    token's H * D elements are contiguous (the model's k or v: columns of its q/k/v rows);
-    None for another layout."""
-    if new.is_contiguous():  # also one token whatever its strides: the cheap case first
-        return new.view(-1)
-    t, h, d = new.shape
-    if t == 0 or new.stride(2) != 1 or new.stride(1) != d or new.stride(0) < h * d:
+def _token_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x [T, H, D] as one flat run of memory from its first element to its last (token t's
+    H * D elements at t * x.stride(0)), where each token's are contiguous: the model's q,
+    columns of its fused q/k/v rows. None for another layout."""
+    if x.is_contiguous():  # also one token whatever its strides: the cheap case first
+        return x.view(-1)
+    t, h, d = x.shape
+    if t == 0 or x.stride(2) != 1 or x.stride(1) != d or x.stride(0) < h * d:
         return None
-    return new.as_strided(((t - 1) * new.stride(0) + h * d,), (1,))
+    return x.as_strided(((t - 1) * x.stride(0) + h * d,), (1,))
 
 
 class CpuStep:

@@ -69,7 +69,7 @@ def _key_base(table, key, block_size, ks, h, d):
 @njit(inline="always", **_FAST)
 def _tile_bases(table, start, n, block_size, ks, h, d):
     """`_key_base` of the key tile's four groups of 16 keys (0 for a group past its n keys),
-    found once per tile and head for both the V widening and the scores."""
+    found once per tile and head for both the V pairing and the scores."""
     return (
         _key_base(table, start, block_size, ks, h, d),
         _key_base(table, start + 16, block_size, ks, h, d) if n > 16 else 0,
@@ -94,7 +94,8 @@ def _prefetch_key(kc, vc, ahead, k, ks, d, npf):
     one head, into L2, if k < npf.
 
     The first query's score loop calls it once per dim pair (keys 0..d/2-1) and its first
-    P.V loop once per key pair (the rest), so a tile's prefetches spread over the compute.
+    P.V loop once per key pair (the rest; those past that query's keys right after), so a
+    tile's prefetches spread over the compute.
     Issued in one burst before it (64 rows, as this kernel first did), they filled the core's
     miss buffers and reorder window, and the compute waited on them. Into L2, not L1
     (`prefetch_l2`): the next tile of every KV head (48 KB at head dim 64 and 3 KV heads)
@@ -294,8 +295,9 @@ def attend_tile_bf16(q, qrow, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d
         for h in range(h0, h1):
             bases = _tile_bases(table, start, n, block_size, ks, h, d)
             _pair_tile(vc, n, ks, vp, zero, d, bases)
-            # the next tile's rows of head h, fetched while the first query's scores run;
-            # after the last, the first tile of the thread's next work item (`following`)
+            # the next tile's rows of head h, fetched while the first query's scores and
+            # P.V run; after the last, the first tile of the thread's next work item
+            # (`following`)
             npf = min(KEY_TILE, kmax - start - KEY_TILE)
             ahead = (0, 0, 0, 0)
             if npf > 0:
@@ -345,6 +347,9 @@ def attend_tile_bf16(q, qrow, kc, vc, table, lo, hi, h0, h1, pos, ctx, c, out, d
                             acc, (r0 + g) * d + e0, alpha[g], s, g * KEY_TILE, vp, e0, d, nv,
                             kc, vc, ahead, ks, fetch,
                         )  # fmt: skip
+                # keys the P.V loop did not reach (it runs over this query's nv keys only)
+                for k in range(d // 2 + (nv + 1) // 2, first):
+                    _prefetch_key(kc, vc, ahead, k, ks, d, first)
     for i in range(hi - lo):
         for k in range(heads):
             inv = v16splat(np.float32(1.0) / den[i * heads + k])

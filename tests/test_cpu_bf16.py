@@ -135,8 +135,8 @@ def _run(case, heads: int) -> torch.Tensor:
     kernel = cpu_attention.bf16_dot_kernel(pc.q, pc.k_cache)
     assert kernel is not None
     k, v = (_bits(c) for c in (pc.k_cache, pc.v_cache))
-    kernel(_bits(pc.q).reshape(-1), pc.q.stride(0), k, v, *arrays, scale, 5, heads, skip,
-           _bits(out))  # fmt: skip
+    row = pc.q.shape[1] * pc.q.shape[2]  # elements from one query to the next in _bits(q)
+    kernel(_bits(pc.q).reshape(-1), row, k, v, *arrays, scale, 5, heads, skip, _bits(out))
     return out
 
 
@@ -160,15 +160,19 @@ def test_work_split_does_not_change_a_bit(d, block_size, heads):
     torch.testing.assert_close(every, expected, atol=1e-2, rtol=1.6e-2)
 
 
-def test_queries_read_in_place_from_the_fused_rows():
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("seqs", [SEQS, [(70, [69])]], ids=["many", "one-token"])
+@pytest.mark.parametrize("column", [0, 2])
+def test_queries_read_in_place_from_the_fused_rows(d, seqs, column):
     """q as the model's fused projection leaves it (each token's heads within its wider
-    q/k/v row) is read in place and gives the bits of a contiguous copy."""
-    case = make_paged_case(SEQS, dtype=torch.bfloat16, seed=11)
-    tokens, hq, d = case.q.shape
+    q/k/v row, from column `column` on) is read in place, not copied, and gives the bits of a
+    contiguous copy."""
+    case = make_paged_case(seqs, d=d, dtype=torch.bfloat16, seed=11)
+    tokens, hq, _ = case.q.shape
     fused = torch.randn(tokens, hq + 6, d).to(torch.bfloat16)
-    fused[:, :hq] = case.q
-    q = fused[:, :hq]
-    assert not q.is_contiguous()
+    fused[:, column : column + hq] = case.q
+    q = fused[:, column : column + hq]
+    assert cpu_attention._token_rows(q).data_ptr() == q.data_ptr()
     step = cpu_attention.CpuStep(
         case.block_tables, case.query_start, case.query_positions, case.context_lens
     )

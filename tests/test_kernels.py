@@ -163,7 +163,7 @@ def test_write_kv_matches_reference(dtype, slot_dtype):
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_write_kv_from_fused_rows_matches_reference(dtype, tokens):
     """k and v as the model's fused projection leaves them: each token's heads contiguous
-    within its q/k/v row, rows apart by the row's width (copied in place, not gathered)."""
+    within its q/k/v row, rows apart by the row's width."""
     gen = torch.Generator().manual_seed(8)
     k_cache = torch.randn(5, 16, 3, 8, generator=gen).to(dtype)
     v_cache = torch.randn(5, 16, 3, 8, generator=gen).to(dtype)
