@@ -177,11 +177,15 @@ _BF16_DOT = has_avx512_bf16() and os.environ.get("PENSIEVE_CPU_BF16_DOT", "1") !
 def bf16_dot_kernel(q: torch.Tensor, k_cache: torch.Tensor):
     """The `vdpbf16ps` kernel where it takes this step (bfloat16 queries and pool, head dim
     64 or 128, a block size of 16k, a CPU with AVX512-BF16), else None."""
-    if not _BF16_DOT or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
+    return _bf16_kernel_for(q.dtype, q.shape[2], k_cache)
+
+
+def _bf16_kernel_for(dtype: torch.dtype, head_dim: int, k_cache: torch.Tensor):
+    if not _BF16_DOT or dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
         return None
     if k_cache.shape[1] % 16:
         return None
-    return _BF16_KERNELS.get(q.shape[2])
+    return _BF16_KERNELS.get(head_dim)
 
 
 def _pool_numpy(t: torch.Tensor) -> np.ndarray:
@@ -277,11 +281,26 @@ class CpuStep:
         self.query_tile = query_tile
         self._split: tuple[int, int] | None = None  # `_work_split`, at first use
 
+    def bf16_kernel_args(
+        self, q_heads: int, head_dim: int, k_cache: torch.Tensor, scale: float
+    ) -> tuple | None:
+        """The `vdpbf16ps` kernel's arguments past the pool (block tables, query starts,
+        positions, context lengths, scale * log2 e, query tile, KV heads an item, skip), for
+        `cpu_decoder` to call it; None where that kernel does not take every sequence."""
+        if _bf16_kernel_for(torch.bfloat16, head_dim, k_cache) is None:
+            return None
+        if self.skip is None:
+            self.skip = self._choose(torch.bfloat16, head_dim, k_cache)
+        if self.skip.any():
+            return None
+        qtile, heads = self._work_split(q_heads, head_dim, k_cache)
+        return (*self.arrays, np.float32(scale * _LOG2E), qtile, heads, self.skip)
+
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
     ) -> torch.Tensor:
         if self.skip is None:
-            self.skip = self._choose(q, k_cache)
+            self.skip = self._choose(q.dtype, q.shape[2], k_cache)
         if q.shape[0] and not self.skip.all():
             out = self._run_kernel(q, k_cache, v_cache, scale)
         else:
@@ -292,13 +311,13 @@ class CpuStep:
             out[lo:hi] = sequence.attend(q[lo:hi], k_cache, v_cache, scale)
         return out
 
-    def _choose(self, q: torch.Tensor, k_cache: torch.Tensor) -> np.ndarray:
+    def _choose(self, dtype: torch.dtype, head_dim: int, k_cache: torch.Tensor) -> np.ndarray:
         """Which sequences `cpu_sdpa` takes (1) and which the Numba kernel (0). "auto": those
         of TORCH_MIN_QUERIES or more query rows, except where the `vdpbf16ps` kernel runs: it
         beat gather + SDPA at every length measured (bfloat16, 2 cores: 512 new tokens 2.2
         against 3.8 ms a layer, 256 after 512 2.1 against 3.1, 16 after 512 0.15 against 0.25)."""
         least = {"auto": TORCH_MIN_QUERIES, "numba": self.starts[-1] + 1, "sdpa": 1}[self.impl]
-        if self.impl == "auto" and bf16_dot_kernel(q, k_cache) is not None:
+        if self.impl == "auto" and _bf16_kernel_for(dtype, head_dim, k_cache) is not None:
             least = self.starts[-1] + 1
         return np.array([n >= least for n in self.counts], dtype=np.uint8)
 
@@ -318,14 +337,14 @@ class CpuStep:
                 self._by_sdpa.append((lo, hi, sequence))
         return self._by_sdpa
 
-    def _work_split(self, q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int]:
+    def _work_split(self, q_heads: int, head_dim: int, k_cache: torch.Tensor) -> tuple[int, int]:
         """(queries per tile, KV heads per work item): the same for every layer of the step,
         worked out at the first."""
         if self._split is None:
             hkv = k_cache.shape[2]
-            qtile = max(1, self.query_tile or QUERY_ROWS // (q.shape[1] // hkv))
+            qtile = max(1, self.query_tile or QUERY_ROWS // (q_heads // hkv))
             heads = 1
-            if simd_shape(q.shape[2], k_cache.shape[1]):
+            if simd_shape(head_dim, k_cache.shape[1]):
                 counts = zip(self.counts, self.skip, strict=True)
                 tiles = sum(-(-n // qtile) for n, skip in counts if not skip)
                 heads = hkv if tiles >= 2 * torch.get_num_threads() else 1
@@ -336,7 +355,7 @@ class CpuStep:
         """The Numba kernel for every sequence not skipped: the output in q's dtype. The
         `vdpbf16ps` kernel writes bfloat16 itself, rounded as torch's `.to` rounds (a float32
         output and its conversion cost ~50 us a layer at 32 rows); the others write float32."""
-        qtile, heads = self._work_split(q, k_cache)
+        qtile, heads = self._work_split(q.shape[1], q.shape[2], k_cache)
         pool = (_pool_numpy(k_cache), _pool_numpy(v_cache), *self.arrays)
         rest = (np.float32(scale * _LOG2E), qtile, heads, self.skip)
         kernel = bf16_dot_kernel(q, k_cache)

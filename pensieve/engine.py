@@ -32,6 +32,7 @@ from pensieve.block_allocator import KVPool
 from pensieve.cache import TieredCache
 from pensieve.compute_thread import run_on_compute_thread, single_threaded_torch
 from pensieve.config import EngineConfig
+from pensieve.cpu_decoder import warm_up as warm_up_cpu_decoder
 from pensieve.disk_store import DiskStore, fingerprint
 from pensieve.durable import DurableCache
 from pensieve.errors import (
@@ -221,6 +222,7 @@ class Engine:
                 warm_up_cpu_attention, device_pool.keys[0], device_pool.values[0],
                 mc.num_attention_heads,
             )  # fmt: skip
+            await run_on_compute_thread(warm_up_cpu_decoder, model, device_pool)
         host_pool = None
         if host_blocks:
             host_pool = await run_on_compute_thread(

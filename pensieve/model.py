@@ -15,6 +15,7 @@ from torch import nn
 
 from pensieve.attention import AttentionBackend
 from pensieve.config import ModelConfig
+from pensieve.cpu_decoder import layers_runner
 from pensieve.kernels import cpu_fused
 from pensieve.linear import Linear
 
@@ -163,8 +164,12 @@ class LlamaForCausalLM(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D / 2]
         cos, sin = angles.cos(), angles.sin()
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
+        run_layers = layers_runner(self, x, attn)  # small bfloat16 CPU steps: one Numba loop
+        if run_layers is not None:
+            x = run_layers(x, cos, sin)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, attn)
         return self.model.norm(x)
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pensieve.block_allocator import KVPool
@@ -83,6 +84,17 @@ class StepMetadata:
         )
 
 
+@dataclass
+class CpuLayerArrays:
+    """The pool and one step's attention arguments as `kernels.cpu_decoder` takes them."""
+
+    keys: np.ndarray  # [layers, blocks, block size, KV heads, head dim] bfloat16 bits
+    values: np.ndarray
+    slots: np.ndarray  # [T] int64: each row's slot
+    attention: tuple  # `CpuStep.bf16_kernel_args`
+    wait_for_layer: Callable[[int], None] | None
+
+
 class PagedAttentionBackend:
     """Writes each layer's new K/V into its slots, then attends through the block tables.
 
@@ -127,15 +139,35 @@ class PagedAttentionBackend:
             step = self._cuda_step or self._build_cuda_step(q, k_cache)
             step.write_kv(k, v, k_cache, v_cache)
             return step.attention(q, k_cache, v_cache, scale)
+        writer, step = self._cpu_kernels()
+        writer.write(k, v, k_cache, v_cache)
+        return step.attention(q, k_cache, v_cache, scale)
+
+    def _cpu_kernels(self) -> tuple[SlotWriter, CpuStep]:
+        """The CPU kernels' state for this step, built at the first layer."""
         if self._cpu_step is None:
+            m = self.meta
             impl = "numba" if self.deterministic else "auto"
             self._cpu_step = (
                 SlotWriter(m.slot_mapping),
                 CpuStep(m.block_tables, m.query_start, m.positions, m.context_lens, impl=impl),
             )
-        writer, step = self._cpu_step
-        writer.write(k, v, k_cache, v_cache)
-        return step.attention(q, k_cache, v_cache, scale)
+        return self._cpu_step
+
+    def cpu_layer_arrays(self, q_heads: int, head_dim: int) -> CpuLayerArrays | None:
+        """What `kernels.cpu_decoder` needs to write and attend on this step's pool in its own
+        loop (`pensieve.cpu_decoder`); None where the step is not for it: a CUDA pool, debug
+        checks on, or a sequence that the `vdpbf16ps` kernel does not take."""
+        if self.cuda_kernels or self.debug:
+            return None
+        keys, values = self.pool.keys, self.pool.values
+        writer, step = self._cpu_kernels()
+        scale = 1.0 / math.sqrt(head_dim)
+        attention = step.bf16_kernel_args(q_heads, head_dim, keys[0], scale)
+        if attention is None or not keys.is_contiguous() or not values.is_contiguous():
+            return None
+        bits = (keys.view(torch.uint16).numpy(), values.view(torch.uint16).numpy())
+        return CpuLayerArrays(*bits, writer.slot_array, attention, self.wait_for_layer)
 
     def _build_cuda_step(self, q: torch.Tensor, k_cache: torch.Tensor) -> CudaStep:
         """The CUDA kernels' state for this step: plans and conversions done once."""

@@ -1,0 +1,89 @@
+"""A run of decoder layers as one Numba call: the CPU step for a few bfloat16 rows.
+
+Why: at one decode row a layer's compute is ~10 small kernels of a few microseconds each, and
+the torch/Python path around them (module calls, tensor <-> numpy views, dispatch of a dozen
+arguments, allocations) cost ~165 us a layer, a third of the step (2-core AMD Zen 4 EPYC,
+SmolLM2-135M: ~5 of 15 ms). Here the same kernels run back to back inside one compiled loop.
+
+Bits: every step is the kernel the torch path calls, called as a function (not inlined, so it
+compiles with its own flags and array layouts): `cpu_fused`'s RMSNorm, RoPE and
+SiLU-and-multiply, `cpu_bf16_matmul`'s matmul, the slot write and `vdpbf16ps` attention of
+`cpu_attention`. The residual adds are float32 sums rounded to bfloat16, as torch's add.
+So a row gets the bits the torch path gives it (test_cpu_decoder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .cpu_attention import _BF16_KERNELS, _write_slots
+from .cpu_bf16_matmul import _matmul
+from .cpu_fused import _ROPE, _rms_norm, _silu_mul
+from .simd512 import v16add, v16load_bf16, v16store_bf16
+
+_KERNEL = {"error_model": "numpy", "nogil": True}
+
+
+@njit(inline="always", **_KERNEL)
+def _add_(x, y):
+    """x += y over bfloat16 bits (flat, a multiple of 16 long): float32 sums rounded to nearest
+    even, as torch's bfloat16 add rounds them."""
+    for i in range(0, x.shape[0], 16):
+        v16store_bf16(x, i, v16add(v16load_bf16(x, i), v16load_bf16(y, i)))
+
+
+@njit(**_KERNEL)
+def _decoder_layers(
+    rope, attend, x, first, end, cos, sin, eps, shape, norms, qkv_w, o_w, gate_up_w, down_w, chunks,
+    keys, values, slots, attention, threads,
+):  # fmt: skip
+    """Layers [first, end) on the residual rows x [T, hidden] (bfloat16 bits, updated in place),
+    RoPE by `rope` and attention by `attend` (the head dim's kernels, compiled into this loop:
+    passed as arguments, so that only the model's own are compiled).
+
+    shape: (query heads, KV heads, head dim, intermediate size). norms[2 * layer + i]: the
+    layer's RMSNorm weights [1, hidden] (i = 0 before attention, 1 before the MLP); qkv_w ..
+    down_w: typed lists of `cpu_bf16_matmul`'s blocked weights, chunks[layer]: their K
+    chunks. keys/values: the pool's [layers, blocks, block size, KV heads, head dim] bits;
+    slots: each row's slot; attention: `CpuStep.bf16_kernel_args`
+    (block tables, query starts, positions, context lengths, scale * log2 e, query tile, KV
+    heads an item, skip)."""
+    rows, hidden = x.shape
+    n_heads, n_kv, d, inter = shape
+    width = (n_heads + 2 * n_kv) * d
+    tables, starts, pos, ctx, c, qtile, heads, skip = attention
+    flat = x.reshape(-1)
+    for layer in range(first, end):
+        h = np.empty((rows, hidden), np.uint16)
+        _rms_norm(x, norms[2 * layer], eps, h)
+        qkv = np.empty((rows, width), np.uint16)
+        _matmul(h, qkv_w[layer], qkv, hidden, width, chunks[layer, 0], threads)
+        rope(qkv, n_heads + n_kv, d, cos, sin)
+        split = qkv.reshape(rows, n_heads + 2 * n_kv, d)
+        pool_k = keys[layer].reshape(-1, n_kv, d)
+        pool_v = values[layer].reshape(-1, n_kv, d)
+        _write_slots(split[:, n_heads : n_heads + n_kv], slots, pool_k)
+        _write_slots(split[:, n_heads + n_kv :], slots, pool_v)
+        out = np.empty((rows, n_heads, d), np.uint16)
+        q = qkv.reshape(-1)
+        kc, vc = keys[layer], values[layer]
+        attend(q, width, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out)
+        o = np.empty((rows, hidden), np.uint16)
+        _matmul(out.reshape(rows, n_heads * d), o_w[layer], o, n_heads * d, hidden,
+                chunks[layer, 1], threads)  # fmt: skip
+        _add_(flat, o.reshape(-1))
+        _rms_norm(x, norms[2 * layer + 1], eps, h)
+        gate_up = np.empty((rows, 2 * inter), np.uint16)
+        _matmul(h, gate_up_w[layer], gate_up, hidden, 2 * inter, chunks[layer, 2], threads)
+        act = np.empty((rows, inter), np.uint16)
+        _silu_mul(gate_up, act)
+        _matmul(act, down_w[layer], o, inter, hidden, chunks[layer, 3], threads)
+        _add_(flat, o.reshape(-1))
+
+
+def decoder_layers(x, first, end, cos, sin, eps, shape, *weights_and_step):
+    """`_decoder_layers` with the kernels of the head dim shape[2] (64 or 128)."""
+    d = shape[2]
+    _decoder_layers(_ROPE[d], _BF16_KERNELS[d], x, first, end, cos, sin, eps, shape,
+                    *weights_and_step)  # fmt: skip

@@ -1,0 +1,146 @@
+"""The model's decoder layers as one Numba loop (`kernels.cpu_decoder`) for small CPU steps.
+
+`LlamaForCausalLM.forward` asks `layers_runner` first: where the step has at most FEW_ROWS
+bfloat16 rows on the paged CPU pool and every matmul of every layer runs on
+`cpu_bf16_matmul` (oneDNN's bits), the layers run there; elsewhere (float32, int8, CUDA, the
+contiguous oracle, larger steps) through the modules. Both give the same bits. Why it pays:
+kernels/cpu_decoder.py. PENSIEVE_CPU_DECODER=0 keeps every step on the modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from numba.typed import List
+
+from pensieve.kernels.cpu_attention import CpuStep
+from pensieve.kernels.cpu_decoder import decoder_layers
+from pensieve.kernels.cpu_threads import numba_threads_as_torch
+from pensieve.linear import FEW_ROWS, Linear
+from pensieve.paged import CpuLayerArrays, PagedAttentionBackend
+
+if TYPE_CHECKING:
+    from pensieve.block_allocator import KVPool
+    from pensieve.model import LlamaForCausalLM
+
+ENABLED = os.environ.get("PENSIEVE_CPU_DECODER", "1") != "0"
+Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CpuDecoderWeights:
+    """Numpy views of every layer's weights as `decoder_layers` takes them (no copies: the
+    RMSNorm weights' own memory, each `Linear`'s `few_rows` blocks)."""
+
+    def __init__(self, model: LlamaForCausalLM, linears: list[tuple[Linear, ...]]):
+        config = model.config
+        self.linears = linears  # per layer: qkv, o, gate_up, down (their `few_rows` checked)
+        self.few = [tuple(linear.few_rows for linear in layer) for layer in linears]
+        self.norms = List()
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                self.norms.append(norm.weight.detach().view(torch.uint16).view(1, -1).numpy())
+        self.matmuls = tuple(List(few[i].blocks for few in self.few) for i in range(4))
+        self.chunks = np.array([[f.chunk for f in few] for few in self.few], dtype=np.int64)
+        heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.shape = (heads, kv, d, config.intermediate_size)
+        self.eps = np.float32(model.model.layers[0].input_layernorm.eps)
+
+    def current(self) -> bool:
+        """Whether every `Linear` still has the blocks these views were taken from."""
+        return all(
+            linear.few_rows is f
+            for layer, few in zip(self.linears, self.few, strict=True)
+            for linear, f in zip(layer, few, strict=True)
+        )
+
+
+def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
+    """The model's `CpuDecoderWeights`, built once (again where a `Linear`'s weight changed);
+    None where some layer does not fit `decoder_layers`."""
+    cached = model.__dict__.get("_cpu_decoder")
+    if cached is not None and cached.current():
+        return cached
+    config = model.config
+    if config.head_dim not in (64, 128) or config.hidden_size % 16 or config.intermediate_size % 16:
+        return None
+    linears = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if any(m.few_rows is None or m.qweight is not None for m in mods):
+            return None
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+            return None
+        linears.append(mods)
+    weights = CpuDecoderWeights(model, linears)
+    model.__dict__["_cpu_decoder"] = weights
+    return weights
+
+
+def layers_runner(model: LlamaForCausalLM, x: torch.Tensor, attn: object) -> Runner | None:
+    """A function (x, cos, sin) -> x after every layer, where `decoder_layers` takes this
+    step (see the module's docstring); else None."""
+    rows = x.shape[0]
+    if not ENABLED or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    if not 0 < rows <= FEW_ROWS or not isinstance(attn, PagedAttentionBackend):
+        return None
+    weights = _weights_of(model)
+    if weights is None:
+        return None
+    arrays = attn.cpu_layer_arrays(model.config.num_attention_heads, model.config.head_dim)
+    if arrays is None:
+        return None
+    return lambda x, cos, sin: run_layers(weights, arrays, x, cos, sin)
+
+
+def run_layers(
+    weights: CpuDecoderWeights,
+    arrays: CpuLayerArrays,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Every layer on x [T, hidden]: one call, or one a layer where layers are still being
+    restored (each waits for its own)."""
+    x = x.contiguous()  # updated in place: the embedding's fresh rows
+    bits = x.view(torch.uint16).numpy()
+    trig = (cos.contiguous().numpy(), sin.contiguous().numpy())
+    layers = len(weights.few)
+    threads = numba_threads_as_torch()
+    with threads:
+        pool = (arrays.keys, arrays.values, arrays.slots, arrays.attention, threads.threads)
+        wait = arrays.wait_for_layer
+        spans = [(0, layers)] if wait is None else [(i, i + 1) for i in range(layers)]
+        for first, end in spans:
+            if wait is not None:
+                wait(first)
+            decoder_layers(bits, first, end, *trig, weights.eps, weights.shape, weights.norms,
+                           *weights.matmuls, weights.chunks, *pool)  # fmt: skip
+    return x
+
+
+def warm_up(model: LlamaForCausalLM, pool: KVPool) -> None:
+    """Compile `decoder_layers` for this model and pool (~2.5 s once the attention kernel is
+    compiled) before a request needs it: one row over the pool's first block, nothing written
+    (its slot is -1), the result dropped. A no-op where the model's steps do not take it."""
+    weights = _weights_of(model)
+    if not ENABLED or weights is None or pool.keys.dtype != torch.bfloat16:
+        return
+    heads, _, d, _ = weights.shape
+    one = torch.ones(1, dtype=torch.int32)
+    step = CpuStep(one[None] * 0, torch.tensor([0, 1], dtype=torch.int32), one * 0, one)
+    attention = step.bf16_kernel_args(heads, d, pool.keys[0], 1.0)
+    if attention is None or not pool.keys.is_contiguous() or not pool.values.is_contiguous():
+        return
+    bits = (pool.keys.view(torch.uint16).numpy(), pool.values.view(torch.uint16).numpy())
+    arrays = CpuLayerArrays(*bits, np.full(1, -1, dtype=np.int64), attention, None)
+    with torch.inference_mode():
+        x = model.model.embed_tokens(torch.zeros(1, dtype=torch.long, device=pool.keys.device))
+    angle = torch.zeros(1, d // 2)
+    run_layers(weights, arrays, x, angle.cos(), angle.sin())
