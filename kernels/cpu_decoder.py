@@ -7,9 +7,10 @@ SmolLM2-135M: ~5 of 15 ms). Here the same kernels run back to back inside one co
 
 Bits: every step is the kernel the torch path calls, called as a function (not inlined, so it
 compiles with its own flags and array layouts): `cpu_fused`'s RMSNorm, RoPE and
-SiLU-and-multiply, `cpu_bf16_matmul`'s matmul, the slot write and `vdpbf16ps` attention of
-`cpu_attention`. The residual adds are float32 sums rounded to bfloat16, as torch's add.
-So a row gets the bits the torch path gives it (test_cpu_decoder).
+SiLU-and-multiply, `cpu_bf16_matmul`'s matmul (or `cpu_int8_torch_order`'s for int8 weights),
+the slot write and `vdpbf16ps` attention of `cpu_attention`. The residual adds are float32 sums
+rounded to bfloat16, as torch's add. So a row gets the bits the torch path gives it
+(test_cpu_decoder).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from numba import njit
 from .cpu_attention import _BF16_KERNELS, _write_slots
 from .cpu_bf16_matmul import _matmul
 from .cpu_fused import _ROPE, _rms_norm, _silu_mul
+from .cpu_int8_torch_order import _one_row_at_a_time, _row_pairs
 from .simd512 import v16add, v16load_bf16, v16store_bf16
 
 _KERNEL = {"error_model": "numpy", "nogil": True}
+# a layer's matmuls in the order they run: weights[4 * layer + i]
+QKV, O_PROJ, GATE_UP, DOWN = range(4)
 
 
 @njit(inline="always", **_KERNEL)
@@ -34,21 +38,38 @@ def _add_(x, y):
 
 
 @njit(**_KERNEL)
+def _bf16_matmul(weights, i, x, out, threads):
+    """out = x @ W.T for matmul i: (blocked weights, their K chunks) of `cpu_bf16_matmul`."""
+    blocks, chunks = weights
+    _matmul(x, blocks[i], out, x.shape[1], out.shape[1], chunks[i], threads)
+
+
+@njit(**_KERNEL)
+def _int8_matmul(weights, i, x, out, threads):
+    """out = x @ (qweight * scale).T for matmul i: (int8 rows, scales) of
+    `cpu_int8_torch_order` (one or two rows)."""
+    qweights, scales = weights
+    if x.shape[0] == 1:
+        _one_row_at_a_time(x, qweights[i], scales[i], out)
+    else:
+        _row_pairs(x, qweights[i], scales[i], out, threads)
+
+
+@njit(**_KERNEL)
 def _decoder_layers(
-    rope, attend, x, first, end, cos, sin, eps, shape, norms, qkv_w, o_w, gate_up_w, down_w, chunks,
+    rope, attend, matmul, x, first, end, cos, sin, eps, shape, norms, weights,
     keys, values, slots, attention, threads,
 ):  # fmt: skip
-    """Layers [first, end) on the residual rows x [T, hidden] (bfloat16 bits, updated in place),
-    RoPE by `rope` and attention by `attend` (the head dim's kernels, compiled into this loop:
-    passed as arguments, so that only the model's own are compiled).
+    """Layers [first, end) on the residual rows x [T, hidden] (bfloat16 bits, updated in place).
+    RoPE, attention and the matmuls are the kernels passed in (compiled into this loop: only
+    the model's own are compiled).
 
     shape: (query heads, KV heads, head dim, intermediate size). norms[2 * layer + i]: the
-    layer's RMSNorm weights [1, hidden] (i = 0 before attention, 1 before the MLP); qkv_w ..
-    down_w: typed lists of `cpu_bf16_matmul`'s blocked weights, chunks[layer]: their K
-    chunks. keys/values: the pool's [layers, blocks, block size, KV heads, head dim] bits;
-    slots: each row's slot; attention: `CpuStep.bf16_kernel_args`
-    (block tables, query starts, positions, context lengths, scale * log2 e, query tile, KV
-    heads an item, skip)."""
+    layer's RMSNorm weights [1, hidden] (i = 0 before attention, 1 before the MLP); weights:
+    what `matmul` takes. keys/values: the pool's [layers, blocks, block size, KV heads, head
+    dim] bits; slots: each row's slot; attention: `CpuStep.bf16_kernel_args` (block tables,
+    query starts, positions, context lengths, scale * log2 e, query tile, KV heads an item,
+    skip)."""
     rows, hidden = x.shape
     n_heads, n_kv, d, inter = shape
     width = (n_heads + 2 * n_kv) * d
@@ -58,32 +79,31 @@ def _decoder_layers(
         h = np.empty((rows, hidden), np.uint16)
         _rms_norm(x, norms[2 * layer], eps, h)
         qkv = np.empty((rows, width), np.uint16)
-        _matmul(h, qkv_w[layer], qkv, hidden, width, chunks[layer, 0], threads)
+        matmul(weights, 4 * layer + QKV, h, qkv, threads)
         rope(qkv, n_heads + n_kv, d, cos, sin)
         split = qkv.reshape(rows, n_heads + 2 * n_kv, d)
-        pool_k = keys[layer].reshape(-1, n_kv, d)
-        pool_v = values[layer].reshape(-1, n_kv, d)
-        _write_slots(split[:, n_heads : n_heads + n_kv], slots, pool_k)
-        _write_slots(split[:, n_heads + n_kv :], slots, pool_v)
+        _write_slots(split[:, n_heads : n_heads + n_kv], slots, keys[layer].reshape(-1, n_kv, d))
+        _write_slots(split[:, n_heads + n_kv :], slots, values[layer].reshape(-1, n_kv, d))
         out = np.empty((rows, n_heads, d), np.uint16)
-        q = qkv.reshape(-1)
-        kc, vc = keys[layer], values[layer]
+        q, kc, vc = qkv.reshape(-1), keys[layer], values[layer]
         attend(q, width, kc, vc, tables, starts, pos, ctx, c, qtile, heads, skip, out)
         o = np.empty((rows, hidden), np.uint16)
-        _matmul(out.reshape(rows, n_heads * d), o_w[layer], o, n_heads * d, hidden,
-                chunks[layer, 1], threads)  # fmt: skip
+        matmul(weights, 4 * layer + O_PROJ, out.reshape(rows, n_heads * d), o, threads)
         _add_(flat, o.reshape(-1))
         _rms_norm(x, norms[2 * layer + 1], eps, h)
         gate_up = np.empty((rows, 2 * inter), np.uint16)
-        _matmul(h, gate_up_w[layer], gate_up, hidden, 2 * inter, chunks[layer, 2], threads)
+        matmul(weights, 4 * layer + GATE_UP, h, gate_up, threads)
         act = np.empty((rows, inter), np.uint16)
         _silu_mul(gate_up, act)
-        _matmul(act, down_w[layer], o, inter, hidden, chunks[layer, 3], threads)
+        matmul(weights, 4 * layer + DOWN, act, o, threads)
         _add_(flat, o.reshape(-1))
 
 
-def decoder_layers(x, first, end, cos, sin, eps, shape, *weights_and_step):
-    """`_decoder_layers` with the kernels of the head dim shape[2] (64 or 128)."""
+def decoder_layers(x, first, end, cos, sin, eps, shape, norms, weights, *step, int8=False):
+    """`_decoder_layers` with the kernels of the head dim shape[2] (64 or 128), on
+    `cpu_bf16_matmul`'s weights (blocks, chunks) or, with `int8`, `cpu_int8_torch_order`'s
+    (int8 rows, scales)."""
     d = shape[2]
-    _decoder_layers(_ROPE[d], _BF16_KERNELS[d], x, first, end, cos, sin, eps, shape,
-                    *weights_and_step)  # fmt: skip
+    matmul = _int8_matmul if int8 else _bf16_matmul
+    _decoder_layers(_ROPE[d], _BF16_KERNELS[d], matmul, x, first, end, cos, sin, eps, shape,
+                    norms, weights, *step)  # fmt: skip

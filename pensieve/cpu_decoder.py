@@ -2,9 +2,11 @@
 
 `LlamaForCausalLM.forward` asks `layers_runner` first: where the step has at most FEW_ROWS
 bfloat16 rows on the paged CPU pool and every matmul of every layer runs on
-`cpu_bf16_matmul` (oneDNN's bits), the layers run there; elsewhere (float32, int8, CUDA, the
-contiguous oracle, larger steps) through the modules. Both give the same bits. Why it pays:
-kernels/cpu_decoder.py. PENSIEVE_CPU_DECODER=0 keeps every step on the modules.
+`cpu_bf16_matmul` (oneDNN's bits), or at most FASTER_UP_TO_ROWS rows and every matmul on
+`cpu_int8_torch_order` (`--quantize int8`, torch's bits), the layers run there; elsewhere
+(float32, CUDA, the contiguous oracle, larger steps) through the modules. Both give the same
+bits. Why it pays: kernels/cpu_decoder.py. PENSIEVE_CPU_DECODER=0 keeps every step on the
+modules.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch
 from numba.typed import List
 
 from pensieve.kernels.cpu_attention import CpuStep
+from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight
 from pensieve.kernels.cpu_decoder import decoder_layers
+from pensieve.kernels.cpu_int8 import TORCH_INT8_VECTORISED, Int8Weight
+from pensieve.kernels.cpu_int8_torch_order import FASTER_UP_TO_ROWS
 from pensieve.kernels.cpu_threads import numba_threads_as_torch
 from pensieve.linear import FEW_ROWS, Linear
 from pensieve.paged import CpuLayerArrays, PagedAttentionBackend
@@ -32,30 +37,46 @@ Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CpuDecoderWeights:
-    """Numpy views of every layer's weights as `decoder_layers` takes them (no copies: the
-    RMSNorm weights' own memory, each `Linear`'s `few_rows` blocks)."""
+    """Numpy views of every layer's weights as `decoder_layers` takes them, no copies: the
+    RMSNorm weights' own memory; each `Linear`'s `few_rows` blocks, or its int8 rows and scales
+    (`Linear.prepared_int8`) where the model is quantized."""
 
-    def __init__(self, model: LlamaForCausalLM, linears: list[tuple[Linear, ...]]):
+    def __init__(self, model: LlamaForCausalLM, linears: list[Linear], int8: bool):
         config = model.config
-        self.linears = linears  # per layer: qkv, o, gate_up, down (their `few_rows` checked)
-        self.few = [tuple(linear.few_rows for linear in layer) for layer in linears]
+        self.int8 = int8
+        self.linears = linears  # 4 a layer, in `kernels.cpu_decoder`'s order
+        self.forms = [_form(linear, int8) for linear in linears]
         self.norms = List()
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 self.norms.append(norm.weight.detach().view(torch.uint16).view(1, -1).numpy())
-        self.matmuls = tuple(List(few[i].blocks for few in self.few) for i in range(4))
-        self.chunks = np.array([[f.chunk for f in few] for few in self.few], dtype=np.int64)
+        if int8:
+            self.weights = (List(f.weight_array for f in self.forms),
+                            List(f.scale_array for f in self.forms))  # fmt: skip
+        else:
+            chunks = np.array([f.chunk for f in self.forms], dtype=np.int64)
+            self.weights = (List(f.blocks for f in self.forms), chunks)
         heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.shape = (heads, kv, d, config.intermediate_size)
         self.eps = np.float32(model.model.layers[0].input_layernorm.eps)
+        self.layers = config.num_hidden_layers
 
     def current(self) -> bool:
-        """Whether every `Linear` still has the blocks these views were taken from."""
+        """Whether every `Linear` still has the weight form these views were taken from."""
         return all(
-            linear.few_rows is f
-            for layer, few in zip(self.linears, self.few, strict=True)
-            for linear, f in zip(layer, few, strict=True)
+            _form(linear, self.int8) is form
+            for linear, form in zip(self.linears, self.forms, strict=True)
         )
+
+
+def _form(linear: Linear, int8: bool) -> FewRowsWeight | Int8Weight | None:
+    """The weight form of `linear` that `decoder_layers` takes, where it has one."""
+    if not int8:
+        return linear.few_rows if linear.qweight is None else None
+    if linear.qweight is None or not TORCH_INT8_VECTORISED:
+        return None
+    prepared = linear.prepared_int8()
+    return prepared if prepared.rows_as_torch else None
 
 
 def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
@@ -67,17 +88,17 @@ def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
     config = model.config
     if config.head_dim not in (64, 128) or config.hidden_size % 16 or config.intermediate_size % 16:
         return None
-    linears = []
+    linears: list[Linear] = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(m.few_rows is None or m.qweight is not None for m in mods):
-            return None
+        linears += (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
             return None
-        linears.append(mods)
-    weights = CpuDecoderWeights(model, linears)
+    int8 = linears[0].qweight is not None
+    if any(_form(linear, int8) is None for linear in linears):
+        return None
+    weights = CpuDecoderWeights(model, linears, int8)
     model.__dict__["_cpu_decoder"] = weights
     return weights
 
@@ -86,12 +107,12 @@ def layers_runner(model: LlamaForCausalLM, x: torch.Tensor, attn: object) -> Run
     """A function (x, cos, sin) -> x after every layer, where `decoder_layers` takes this
     step (see the module's docstring); else None."""
     rows = x.shape[0]
-    if not ENABLED or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if not ENABLED or x.dtype != torch.bfloat16 or x.device.type != "cpu" or rows == 0:
         return None
-    if not 0 < rows <= FEW_ROWS or not isinstance(attn, PagedAttentionBackend):
+    if not isinstance(attn, PagedAttentionBackend):
         return None
     weights = _weights_of(model)
-    if weights is None:
+    if weights is None or rows > (FASTER_UP_TO_ROWS if weights.int8 else FEW_ROWS):
         return None
     arrays = attn.cpu_layer_arrays(model.config.num_attention_heads, model.config.head_dim)
     if arrays is None:
@@ -111,7 +132,7 @@ def run_layers(
     x = x.contiguous()  # updated in place: the embedding's fresh rows
     bits = x.view(torch.uint16).numpy()
     trig = (cos.contiguous().numpy(), sin.contiguous().numpy())
-    layers = len(weights.few)
+    layers = weights.layers
     threads = numba_threads_as_torch()
     with threads:
         pool = (arrays.keys, arrays.values, arrays.slots, arrays.attention, threads.threads)
@@ -121,7 +142,7 @@ def run_layers(
             if wait is not None:
                 wait(first)
             decoder_layers(bits, first, end, *trig, weights.eps, weights.shape, weights.norms,
-                           *weights.matmuls, weights.chunks, *pool)  # fmt: skip
+                           weights.weights, *pool, int8=weights.int8)  # fmt: skip
     return x
 
 

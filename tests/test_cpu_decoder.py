@@ -13,6 +13,7 @@ from pensieve.linear import FEW_ROWS, pack_for_cpu
 from pensieve.messages import SequenceRows
 from pensieve.model import build_model
 from pensieve.paged import PagedAttentionBackend, StepMetadata
+from pensieve.quantize import quantize_int8
 from pensieve.sampling import SamplingParams
 from pensieve.weights import expected_tensor_shapes
 
@@ -26,7 +27,7 @@ STEPS = {
 }
 
 
-def _model(head_dim: int, dtype: torch.dtype = torch.bfloat16):
+def _model(head_dim: int, dtype: torch.dtype = torch.bfloat16, int8: bool = False):
     """A random 3-layer Llama with the default model's head layout (3 query heads per KV head)."""
     config = ModelConfig(
         vocab_size=300,
@@ -47,6 +48,8 @@ def _model(head_dim: int, dtype: torch.dtype = torch.bfloat16):
         for name, shape in expected_tensor_shapes(config).items()
     }
     model = build_model(config, state, dtype, torch.device("cpu"))
+    if int8:
+        quantize_int8(model)
     pack_for_cpu(model)
     return model
 
@@ -93,13 +96,8 @@ def _step(model, pool, rows, wait=None):
     return model(ids, meta.positions.long(), backend), ran
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16)
-
-
-@pytest.mark.parametrize("step", list(STEPS))
-def test_layers_give_the_modules_bits(model, step, monkeypatch):
-    rows = _rows(STEPS[step], model.config.vocab_size)
+def _same_as_modules(model, rows, monkeypatch) -> None:
+    """The step through the Numba loop and through the modules: same output, same pool."""
     pools, outs = [], []
     for enabled in (True, False):
         monkeypatch.setattr(cpu_decoder, "ENABLED", enabled)
@@ -112,6 +110,28 @@ def test_layers_give_the_modules_bits(model, step, monkeypatch):
     assert torch.equal(_bits(pools[0].keys), _bits(pools[1].keys))  # the same K/V written
     assert torch.equal(_bits(pools[0].values), _bits(pools[1].values))
     assert not torch.equal(_bits(pools[0].keys), _bits(_pool(model).keys))  # ... and some
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_layers_give_the_modules_bits(model, step, monkeypatch):
+    _same_as_modules(model, _rows(STEPS[step], model.config.vocab_size), monkeypatch)
+
+
+@pytest.mark.parametrize("sequences", [[(1, 40)], [(1, 3), (1, 50)]], ids=["1 row", "2 rows"])
+def test_int8_layers_give_the_modules_bits(sequences, monkeypatch):
+    """--quantize int8: one or two rows on `cpu_int8_torch_order`'s kernels (torch's bits)."""
+    model = _model(64, int8=True)
+    if cpu_decoder._weights_of(model) is None:
+        pytest.skip("torch's int8 matmul is not vectorised here: the modules run it")
+    _same_as_modules(model, _rows(sequences, model.config.vocab_size), monkeypatch)
+    rows = _rows([(1, 3), (1, 4), (1, 5)], model.config.vocab_size)  # 3 rows: torch's kernel
+    x = model.model.embed_tokens(torch.zeros(3, dtype=torch.long))
+    backend = PagedAttentionBackend(_pool(model), StepMetadata.build(rows, BLOCK, model.device))
+    assert cpu_decoder.layers_runner(model, x, backend) is None
 
 
 def test_a_restoring_step_waits_for_each_layer_before_it(model):
