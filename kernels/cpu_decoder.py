@@ -58,14 +58,15 @@ def _int8_matmul(weights, i, x, out, threads):
 @njit(**_KERNEL)
 def _decoder_layers(
     rope, attend, matmul, x, first, end, cos, sin, eps, shape, norms, weights,
-    keys, values, slots, attention, threads,
+    keys, values, slots, attention, threads, normed,
 ):  # fmt: skip
     """Layers [first, end) on the residual rows x [T, hidden] (bfloat16 bits, updated in place).
     RoPE, attention and the matmuls are the kernels passed in (compiled into this loop: only
     the model's own are compiled).
 
     shape: (query heads, KV heads, head dim, intermediate size). norms[2 * layer + i]: the
-    layer's RMSNorm weights [1, hidden] (i = 0 before attention, 1 before the MLP); weights:
+    layer's RMSNorm weights [1, hidden] (i = 0 before attention, 1 before the MLP), the last
+    one the model's final norm, which writes `normed` after the last layer; weights:
     what `matmul` takes. keys/values: the pool's [layers, blocks, block size, KV heads, head
     dim] bits; slots: each row's slot; attention: `CpuStep.bf16_kernel_args` (block tables,
     query starts, positions, context lengths, scale * log2 e, query tile, KV heads an item,
@@ -97,6 +98,8 @@ def _decoder_layers(
         _silu_mul(gate_up, act)
         matmul(weights, 4 * layer + DOWN, act, o, threads)
         _add_(flat, o.reshape(-1))
+    if end == keys.shape[0]:
+        _rms_norm(x, norms[2 * end], eps, normed)
 
 
 def decoder_layers(x, first, end, cos, sin, eps, shape, norms, weights, *step, int8=False):

@@ -49,7 +49,8 @@ class CpuDecoderWeights:
         self.norms = List()
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                self.norms.append(norm.weight.detach().view(torch.uint16).view(1, -1).numpy())
+                self.norms.append(_row_bits(norm.weight))
+        self.norms.append(_row_bits(model.model.norm.weight))
         if int8:
             self.weights = (List(f.weight_array for f in self.forms),
                             List(f.scale_array for f in self.forms))  # fmt: skip
@@ -62,11 +63,19 @@ class CpuDecoderWeights:
         self.layers = config.num_hidden_layers
 
     def current(self) -> bool:
-        """Whether every `Linear` still has the weight form these views were taken from."""
+        """Whether every `Linear` still has the weight form these views were taken from. A
+        plain attribute each (`Linear` drops both when its int8 weight is replaced, and
+        `few_rows` with it); `_form` looks up buffers, ~100 us a step for the 120 of them."""
+        name = "int8_weight" if self.int8 else "few_rows"
         return all(
-            _form(linear, self.int8) is form
+            getattr(linear, name) is form
             for linear, form in zip(self.linears, self.forms, strict=True)
         )
+
+
+def _row_bits(weight: torch.Tensor) -> np.ndarray:
+    """A bfloat16 norm weight [H] as its bits [1, H], sharing its memory."""
+    return weight.detach().view(torch.uint16).view(1, -1).numpy()
 
 
 def _form(linear: Linear, int8: bool) -> FewRowsWeight | Int8Weight | None:
@@ -92,9 +101,11 @@ def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears += (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
-            return None
+    norms = [model.model.norm.weight]
+    for layer in model.model.layers:
+        norms += (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+        return None
     int8 = linears[0].qweight is not None
     if any(_form(linear, int8) is None for linear in linears):
         return None
@@ -104,8 +115,8 @@ def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
 
 
 def layers_runner(model: LlamaForCausalLM, x: torch.Tensor, attn: object) -> Runner | None:
-    """A function (x, cos, sin) -> x after every layer, where `decoder_layers` takes this
-    step (see the module's docstring); else None."""
+    """A function (x, cos, sin) -> the final hidden states (every layer, the final norm),
+    where `decoder_layers` takes this step (see the module's docstring); else None."""
     rows = x.shape[0]
     if not ENABLED or x.dtype != torch.bfloat16 or x.device.type != "cpu" or rows == 0:
         return None
@@ -127,23 +138,24 @@ def run_layers(
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> torch.Tensor:
-    """Every layer on x [T, hidden]: one call, or one a layer where layers are still being
-    restored (each waits for its own)."""
+    """Every layer and the final norm on x [T, hidden]: one call, or one a layer where layers
+    are still being restored (each waits for its own)."""
     x = x.contiguous()  # updated in place: the embedding's fresh rows
-    bits = x.view(torch.uint16).numpy()
+    normed = torch.empty_like(x)
     trig = (cos.contiguous().numpy(), sin.contiguous().numpy())
     layers = weights.layers
     threads = numba_threads_as_torch()
     with threads:
-        pool = (arrays.keys, arrays.values, arrays.slots, arrays.attention, threads.threads)
+        step = (arrays.keys, arrays.values, arrays.slots, arrays.attention, threads.threads)
         wait = arrays.wait_for_layer
         spans = [(0, layers)] if wait is None else [(i, i + 1) for i in range(layers)]
         for first, end in spans:
             if wait is not None:
                 wait(first)
-            decoder_layers(bits, first, end, *trig, weights.eps, weights.shape, weights.norms,
-                           weights.weights, *pool, int8=weights.int8)  # fmt: skip
-    return x
+            decoder_layers(x.view(torch.uint16).numpy(), first, end, *trig, weights.eps,
+                           weights.shape, weights.norms, weights.weights, *step,
+                           normed.view(torch.uint16).numpy(), int8=weights.int8)  # fmt: skip
+    return normed
 
 
 def warm_up(model: LlamaForCausalLM, pool: KVPool) -> None:

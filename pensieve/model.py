@@ -166,10 +166,9 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         run_layers = layers_runner(self, x, attn)  # small bfloat16 CPU steps: one Numba loop
         if run_layers is not None:
-            x = run_layers(x, cos, sin)
-        else:
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, attn)
+            return run_layers(x, cos, sin)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
         return self.model.norm(x)
 
     @torch.inference_mode()

@@ -49,37 +49,40 @@ class StepMetadata:
 
     @classmethod
     def build(cls, rows: list[SequenceRows], block_size: int, device: torch.device) -> StepMetadata:
-        """Tensors for a step's rows; slots come from the block tables with array operations."""
+        """Tensors for a step's rows; slots come from the block tables with array operations
+        (numpy's: torch's small-op dispatch made this ~0.4 ms of a one-row CPU step)."""
         width = max((len(r.block_table) for r in rows), default=1) or 1
-        table = torch.full((len(rows), width), -1, dtype=torch.int32)
+        table = np.full((len(rows), width), -1, dtype=np.int32)
         for i, r in enumerate(rows):
-            table[i, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
-        query_lens = torch.tensor([len(r.tokens) for r in rows], dtype=torch.int64)
-        starts = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        torch.cumsum(query_lens, 0, out=starts[1:])
+            table[i, : len(r.block_table)] = r.block_table
+        query_lens = np.array([len(r.tokens) for r in rows], dtype=np.int64)
+        starts = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=starts[1:])
         host_positions = [p for r in rows for p in r.positions]
-        positions = torch.tensor(host_positions, dtype=torch.int64)
-        owner = torch.repeat_interleave(torch.arange(len(rows)), query_lens)
+        positions = np.array(host_positions, dtype=np.int64)
+        owner = np.repeat(np.arange(len(rows)), query_lens)
         chunk = positions // block_size
-        if bool((chunk >= width).any()):
+        if (chunk >= width).any():
             raise ValueError("a position lies past its sequence's block table")
-        blocks = table[owner, chunk].long()
-        if bool((blocks < 0).any()):
-            i = int(torch.nonzero(blocks < 0)[0])
+        blocks = table[owner, chunk].astype(np.int64)
+        if (blocks < 0).any():
+            i = int(np.flatnonzero(blocks < 0)[0])
             rid = rows[int(owner[i])].request_id
             raise ValueError(f"request {rid}: position {int(positions[i])} is not on device")
         slots = blocks * block_size + positions % block_size
-        sample_rows = torch.tensor(
-            [int(starts[i + 1]) - 1 for i, r in enumerate(rows) if r.sample], dtype=torch.int64
-        )
+        sample_rows = np.array([starts[i + 1] - 1 for i, r in enumerate(rows) if r.sample])
         host_ctx = [r.context_len for r in rows]
+
+        def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=device, dtype=dtype)
+
         return cls(
-            slot_mapping=slots.to(device),
-            positions=positions.to(torch.int32).to(device),
-            block_tables=table.to(device),
-            query_start=starts.to(torch.int32).to(device),
-            context_lens=torch.tensor(host_ctx, dtype=torch.int32).to(device),
-            sample_rows=sample_rows.to(device),
+            slot_mapping=tensor(slots, torch.int64),
+            positions=tensor(positions, torch.int32),
+            block_tables=tensor(table, torch.int32),
+            query_start=tensor(starts, torch.int32),
+            context_lens=torch.tensor(host_ctx, dtype=torch.int32, device=device),
+            sample_rows=tensor(sample_rows.astype(np.int64), torch.int64),
             host=(starts.tolist(), host_positions, host_ctx),
         )
 
