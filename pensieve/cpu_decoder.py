@@ -46,11 +46,14 @@ class CpuDecoderWeights:
         self.int8 = int8
         self.linears = linears  # 4 a layer, in `kernels.cpu_decoder`'s order
         self.forms = [_form(linear, int8) for linear in linears]
-        self.norms = List()
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                self.norms.append(_row_bits(norm.weight))
-        self.norms.append(_row_bits(model.model.norm.weight))
+        self.norm_modules = [
+            n
+            for layer in model.model.layers
+            for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        self.norm_modules.append(model.model.norm)  # fmt: skip
+        self.norm_weights = [n.weight for n in self.norm_modules]
+        self.norms = List(_row_bits(w) for w in self.norm_weights)
         if int8:
             self.weights = (List(f.weight_array for f in self.forms),
                             List(f.scale_array for f in self.forms))  # fmt: skip
@@ -63,13 +66,17 @@ class CpuDecoderWeights:
         self.layers = config.num_hidden_layers
 
     def current(self) -> bool:
-        """Whether every `Linear` still has the weight form these views were taken from. A
-        plain attribute each (`Linear` drops both when its int8 weight is replaced, and
-        `few_rows` with it); `_form` looks up buffers, ~100 us a step for the 120 of them."""
+        """Whether every `Linear` still has the weight form these views were taken from, and
+        every RMSNorm its weight. Plain lookups (`Linear` drops both forms when its int8 weight
+        is replaced, and `few_rows` with it): `_form` reads buffers through nn.Module's
+        `__getattr__`, ~100 us a step for the 120 of them."""
         name = "int8_weight" if self.int8 else "few_rows"
         return all(
             getattr(linear, name) is form
             for linear, form in zip(self.linears, self.forms, strict=True)
+        ) and all(
+            norm._parameters["weight"] is weight
+            for norm, weight in zip(self.norm_modules, self.norm_weights, strict=True)
         )
 
 
@@ -166,8 +173,9 @@ def warm_up(model: LlamaForCausalLM, pool: KVPool) -> None:
     if not ENABLED or weights is None or pool.keys.dtype != torch.bfloat16:
         return
     heads, _, d, _ = weights.shape
-    one = torch.ones(1, dtype=torch.int32)
-    step = CpuStep(one[None] * 0, torch.tensor([0, 1], dtype=torch.int32), one * 0, one)
+    first_block, position = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    starts, context = torch.tensor([0, 1], dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    step = CpuStep(first_block, starts, position, context)
     attention = step.bf16_kernel_args(heads, d, pool.keys[0], 1.0)
     if attention is None or not pool.keys.is_contiguous() or not pool.values.is_contiguous():
         return

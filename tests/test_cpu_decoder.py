@@ -181,3 +181,16 @@ def test_new_weights_are_picked_up(model):
         assert ran and not torch.equal(_bits(before), _bits(after))
     finally:
         linear.weight, linear.packed, linear.few_rows = saved
+
+
+def test_a_new_norm_weight_is_picked_up(model):
+    rows = _rows(STEPS["decodes"], model.config.vocab_size)
+    before, _ = _step(model, _pool(model), rows)
+    norm = model.model.layers[0].post_attention_layernorm
+    saved = norm.weight
+    try:
+        norm.weight = torch.nn.Parameter(saved * 3, requires_grad=False)
+        after, ran = _step(model, _pool(model), rows)
+        assert ran and not torch.equal(_bits(before), _bits(after))
+    finally:
+        norm.weight = saved
