@@ -20,7 +20,14 @@ from numba import njit
 
 from .cpu_attention import _BF16_KERNELS, _write_slots
 from .cpu_bf16_matmul import _matmul
-from .cpu_fused import _ROPE, _rms_norm, _silu_mul
+from .cpu_fused import (
+    _ROPE,
+    PARALLEL_ROWS,
+    _rms_norm,
+    _rms_norm_parallel,
+    _silu_mul,
+    _silu_mul_parallel,
+)
 from .cpu_int8_torch_order import _one_row_at_a_time, _row_pairs
 from .simd512 import v16add, v16load_bf16, v16store_bf16
 
@@ -35,6 +42,16 @@ def _add_(x, y):
     even, as torch's bfloat16 add rounds them."""
     for i in range(0, x.shape[0], 16):
         v16store_bf16(x, i, v16add(v16load_bf16(x, i), v16load_bf16(y, i)))
+
+
+@njit(**_KERNEL)
+def _norm(x, w, eps, out, threads):
+    """RMSNorm as `cpu_fused.rms_norm` runs it: one thread below PARALLEL_ROWS rows, else a
+    contiguous share of the rows a thread (a row's bits are the same either way)."""
+    if x.shape[0] < PARALLEL_ROWS:
+        _rms_norm(x, w, eps, out)
+    else:
+        _rms_norm_parallel(x, w, eps, out, threads)
 
 
 @njit(**_KERNEL)
@@ -78,7 +95,7 @@ def _decoder_layers(
     flat = x.reshape(-1)
     for layer in range(first, end):
         h = np.empty((rows, hidden), np.uint16)
-        _rms_norm(x, norms[2 * layer], eps, h)
+        _norm(x, norms[2 * layer], eps, h, threads)
         qkv = np.empty((rows, width), np.uint16)
         matmul(weights, 4 * layer + QKV, h, qkv, threads)
         rope(qkv, n_heads + n_kv, d, cos, sin)
@@ -91,15 +108,18 @@ def _decoder_layers(
         o = np.empty((rows, hidden), np.uint16)
         matmul(weights, 4 * layer + O_PROJ, out.reshape(rows, n_heads * d), o, threads)
         _add_(flat, o.reshape(-1))
-        _rms_norm(x, norms[2 * layer + 1], eps, h)
+        _norm(x, norms[2 * layer + 1], eps, h, threads)
         gate_up = np.empty((rows, 2 * inter), np.uint16)
         matmul(weights, 4 * layer + GATE_UP, h, gate_up, threads)
         act = np.empty((rows, inter), np.uint16)
-        _silu_mul(gate_up, act)
+        if rows < PARALLEL_ROWS:  # as `cpu_fused.silu_mul` runs it
+            _silu_mul(gate_up, act)
+        else:
+            _silu_mul_parallel(gate_up, act, threads)
         matmul(weights, 4 * layer + DOWN, act, o, threads)
         _add_(flat, o.reshape(-1))
     if end == keys.shape[0]:
-        _rms_norm(x, norms[2 * end], eps, normed)
+        _norm(x, norms[2 * end], eps, normed, threads)
 
 
 def decoder_layers(x, first, end, cos, sin, eps, shape, norms, weights, *step, int8=False):
