@@ -46,12 +46,7 @@ class CpuDecoderWeights:
         self.int8 = int8
         self.linears = linears  # 4 a layer, in `kernels.cpu_decoder`'s order
         self.forms = [_form(linear, int8) for linear in linears]
-        self.norm_modules = [
-            n
-            for layer in model.model.layers
-            for n in (layer.input_layernorm, layer.post_attention_layernorm)
-        ]
-        self.norm_modules.append(model.model.norm)  # fmt: skip
+        self.norm_modules = _norm_modules(model)
         self.norm_weights = [n.weight for n in self.norm_modules]
         self.norms = List(_row_bits(w) for w in self.norm_weights)
         if int8:
@@ -62,7 +57,7 @@ class CpuDecoderWeights:
             self.weights = (List(f.blocks for f in self.forms), chunks)
         heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.shape = (heads, kv, d, config.intermediate_size)
-        self.eps = np.float32(model.model.layers[0].input_layernorm.eps)
+        self.eps = np.float32(model.model.norm.eps)  # every norm's (`_weights_of`)
         self.layers = config.num_hidden_layers
 
     def current(self) -> bool:
@@ -78,6 +73,13 @@ class CpuDecoderWeights:
             norm._parameters["weight"] is weight
             for norm, weight in zip(self.norm_modules, self.norm_weights, strict=True)
         )
+
+
+def _norm_modules(model: LlamaForCausalLM) -> list[torch.nn.Module]:
+    """Every RMSNorm in the loop's order: each layer's two, then the final one."""
+    layers = model.model.layers
+    pairs = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in layers]
+    return [norm for pair in pairs for norm in pair] + [model.model.norm]
 
 
 def _row_bits(weight: torch.Tensor) -> np.ndarray:
@@ -108,14 +110,16 @@ def _weights_of(model: LlamaForCausalLM) -> CpuDecoderWeights | None:
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears += (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    norms = [model.model.norm.weight]
-    for layer in model.model.layers:
-        norms += (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    norms = [n.weight for n in _norm_modules(model)]
     if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
+        return None
+    if len({n.eps for n in _norm_modules(model)}) != 1:  # the loop takes one eps
         return None
     int8 = linears[0].qweight is not None
     if any(_form(linear, int8) is None for linear in linears):
         return None
+    if int8 and any(linear.tile_rows for linear in linears):
+        return None  # --deterministic tiles them through torch's kernel, whose bits differ
     weights = CpuDecoderWeights(model, linears, int8)
     model.__dict__["_cpu_decoder"] = weights
     return weights
@@ -133,7 +137,7 @@ def layers_runner(model: LlamaForCausalLM, x: torch.Tensor, attn: object) -> Run
     if weights is None or rows > (FASTER_UP_TO_ROWS if weights.int8 else FEW_ROWS):
         return None
     arrays = attn.cpu_layer_arrays(model.config.num_attention_heads, model.config.head_dim)
-    if arrays is None:
+    if arrays is None or arrays.keys.shape[0] != weights.layers:  # a pool of another model
         return None
     return lambda x, cos, sin: run_layers(weights, arrays, x, cos, sin)
 
@@ -169,8 +173,10 @@ def warm_up(model: LlamaForCausalLM, pool: KVPool) -> None:
     """Compile `decoder_layers` for this model and pool (~2.5 s once the attention kernel is
     compiled) before a request needs it: one row over the pool's first block, nothing written
     (its slot is -1), the result dropped. A no-op where the model's steps do not take it."""
+    if not ENABLED or model.dtype != torch.bfloat16 or pool.keys.dtype != torch.bfloat16:
+        return
     weights = _weights_of(model)
-    if not ENABLED or weights is None or pool.keys.dtype != torch.bfloat16:
+    if weights is None or pool.keys.shape[0] != weights.layers:
         return
     heads, _, d, _ = weights.shape
     first_block, position = torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)

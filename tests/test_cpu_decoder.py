@@ -24,6 +24,7 @@ STEPS = {
     "decodes": [(1, 0), (1, 16), (1, 70), (1, 5)],
     "decodes and a chunk": [(1, 33), (9, 20), (1, 2)],
     "a prompt": [(37, 0)],
+    "the most rows it takes": [(FEW_ROWS - 2, 0), (1, 30), (1, 7)],
 }
 
 
@@ -132,15 +133,34 @@ def test_int8_layers_give_the_modules_bits(sequences, monkeypatch):
     x = model.model.embed_tokens(torch.zeros(3, dtype=torch.long))
     backend = PagedAttentionBackend(_pool(model), StepMetadata.build(rows, BLOCK, model.device))
     assert cpu_decoder.layers_runner(model, x, backend) is None
+    model.model.layers[0].mlp.down_proj.tile_rows = 16  # --deterministic: torch's int8 tiles
+    one = _rows([(1, 3)], model.config.vocab_size)
+    backend = PagedAttentionBackend(_pool(model), StepMetadata.build(one, BLOCK, model.device))
+    assert cpu_decoder.layers_runner(model, x[:1], backend) is None
 
 
-def test_a_restoring_step_waits_for_each_layer_before_it(model):
+def test_a_restoring_step_waits_for_each_layer_before_it(model, monkeypatch):
+    """A layer's wait comes before anything is written into that layer, after the layer
+    before it is done; the output is the modules' (which wait the same way)."""
     rows = _rows(STEPS["decodes"], model.config.vocab_size)
-    pool = _pool(model)
-    calls = []
-    _, ran = _step(model, pool, rows, wait=calls.append)
-    assert ran
-    assert calls == list(range(model.config.num_hidden_layers))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_decoder, "ENABLED", enabled)
+        pool = _pool(model)
+        untouched = pool.keys.clone()
+        calls = []
+
+        def wait(layer: int, pool=pool, untouched=untouched, calls=calls) -> None:
+            assert torch.equal(_bits(pool.keys[layer]), _bits(untouched[layer]))
+            if layer:
+                assert not torch.equal(_bits(pool.keys[layer - 1]), _bits(untouched[layer - 1]))
+            calls.append(layer)
+
+        out, ran = _step(model, pool, rows, wait=wait)
+        assert ran == enabled
+        assert calls == list(range(model.config.num_hidden_layers))
+        outs.append(out)
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
 
 
 def test_steps_it_does_not_take_run_on_the_modules(model):
@@ -155,19 +175,26 @@ def test_steps_it_does_not_take_run_on_the_modules(model):
     assert cpu_decoder.layers_runner(model, x, oracle) is None
     many = model.model.embed_tokens(torch.zeros(FEW_ROWS + 1, dtype=torch.long))
     assert cpu_decoder.layers_runner(model, many, PagedAttentionBackend(pool, meta)) is None
+    other = _pool(model)  # a pool of a model with another number of layers
+    other.keys, other.values = other.keys[:-1], other.values[:-1]
+    assert cpu_decoder.layers_runner(model, x, PagedAttentionBackend(other, meta)) is None
     as_float = _model(model.config.head_dim, torch.float32)
     assert cpu_decoder.layers_runner(as_float, x.float(), PagedAttentionBackend(pool, meta)) is None
 
 
-def test_warm_up_writes_nothing(model):
+def test_warm_up_runs_the_loop_and_writes_nothing(model, monkeypatch):
     pool = _pool(model)
     keys, values = pool.keys.clone(), pool.values.clone()
+    runs = []
+    run_layers = cpu_decoder.run_layers
+    monkeypatch.setattr(cpu_decoder, "run_layers", lambda *a: runs.append(run_layers(*a)))
     cpu_decoder.warm_up(model, pool)
+    assert len(runs) == 1 and runs[0].shape == (1, model.config.hidden_size)
     assert torch.equal(_bits(pool.keys), _bits(keys))
     assert torch.equal(_bits(pool.values), _bits(values))
 
 
-def test_new_weights_are_picked_up(model):
+def test_new_weights_are_picked_up(model, monkeypatch):
     """Replacing a layer's weight (and packing it again) is seen by the next step."""
     rows = _rows(STEPS["decodes"], model.config.vocab_size)
     before, _ = _step(model, _pool(model), rows)
@@ -179,11 +206,12 @@ def test_new_weights_are_picked_up(model):
         pack_for_cpu(model)
         after, ran = _step(model, _pool(model), rows)
         assert ran and not torch.equal(_bits(before), _bits(after))
+        _same_as_modules(model, rows, monkeypatch)
     finally:
         linear.weight, linear.packed, linear.few_rows = saved
 
 
-def test_a_new_norm_weight_is_picked_up(model):
+def test_a_new_norm_weight_is_picked_up(model, monkeypatch):
     rows = _rows(STEPS["decodes"], model.config.vocab_size)
     before, _ = _step(model, _pool(model), rows)
     norm = model.model.layers[0].post_attention_layernorm
@@ -192,5 +220,6 @@ def test_a_new_norm_weight_is_picked_up(model):
         norm.weight = torch.nn.Parameter(saved * 3, requires_grad=False)
         after, ran = _step(model, _pool(model), rows)
         assert ran and not torch.equal(_bits(before), _bits(after))
+        _same_as_modules(model, rows, monkeypatch)
     finally:
         norm.weight = saved
