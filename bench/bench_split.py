@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -30,8 +29,7 @@ from numba import njit
 
 from pensieve import cpu_decoder
 from pensieve.actors.executor import Executor
-from pensieve.bench.bench_step import Case, build_rows, fill_random, select_cases
-from pensieve.block_allocator import KVPool
+from pensieve.bench.bench_step import Case, case_plans, case_pool, print_report, select_cases
 from pensieve.cli_args import add_engine_arguments, engine_config_from_args, parse_args
 from pensieve.config import EngineConfig
 from pensieve.kernels import cpu_decoder as loop
@@ -152,21 +150,12 @@ def run(config: EngineConfig, cases: list[Case], rounds: int, calls: int) -> dic
 
     model = load_pretrained(config).model
     cfg = model.config
-    blocks = max(c.blocks(config.block_size) for c in cases)
-    pool = KVPool.empty(cfg.num_hidden_layers, blocks, config.block_size, cfg.num_key_value_heads,
-                        cfg.head_dim, model.dtype, model.device)  # fmt: skip
-    fill_random(pool)
-    executor = Executor(model, pool)
+    executor = Executor(model, case_pool(model, config.block_size, cases))
     event_loop = asyncio.new_event_loop()  # only for the plan's reply future
-    gen = torch.Generator().manual_seed(0)
     results = {}
     try:
-        for i, case in enumerate(cases):
-            free = torch.randperm(pool.num_blocks, generator=gen).tolist()
-            rows = build_rows(case, config.block_size, free, cfg.vocab_size, gen)
-            results[case.name] = split_case(
-                executor, StepPlan(i, rows, event_loop.create_future()), rounds, calls
-            )
+        for case, _, plan in case_plans(cases, executor.pool, cfg.vocab_size, event_loop):
+            results[case.name] = split_case(executor, plan, rounds, calls)
             taken = "split" if results[case.name] else "not the one-loop decoder"
             print(f"{case.name}: {taken}", file=sys.stderr)
     finally:
@@ -211,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.calls < 1:
         parser.error("--rounds and --calls must be >= 1")
     report = run(engine_config_from_args(args), cases, args.rounds, args.calls)
-    print(table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print_report(table(report), report, args.json)
     return 0
 
 

@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,28 @@ def build_rows(
         tokens = torch.randint(vocab, (n,), generator=gen).tolist()
         rows.append(SequenceRows(i, tokens, list(range(past, ctx)), table, ctx, True, GREEDY))
     return rows
+
+
+def case_pool(model: LlamaForCausalLM, block_size: int, cases: list[Case]) -> KVPool:
+    """A pool with blocks for the largest case, every block random (`fill_random`)."""
+    cfg = model.config
+    blocks = max(c.blocks(block_size) for c in cases)
+    pool = KVPool.empty(cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads,
+                        cfg.head_dim, model.dtype, model.device)  # fmt: skip
+    fill_random(pool)
+    return pool
+
+
+def case_plans(
+    cases: list[Case], pool: KVPool, vocab: int, loop: asyncio.AbstractEventLoop
+) -> Iterator[tuple[Case, list[SequenceRows], StepPlan]]:
+    """Each case's rows and step plan, on blocks shuffled over the pool (seeded: every run
+    and every bench that takes these plans gets the same ones)."""
+    gen = torch.Generator().manual_seed(0)
+    for i, case in enumerate(cases):
+        free = torch.randperm(pool.num_blocks, generator=gen).tolist()
+        rows = build_rows(case, pool.keys.shape[2], free, vocab, gen)
+        yield case, rows, StepPlan(i, rows, loop.create_future())
 
 
 def weight_bytes(model: LlamaForCausalLM) -> int:
@@ -227,26 +250,13 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
     print(f"{cfg.name} {model.dtype} on {device}, {torch.get_num_threads()} threads, "
           f"load average {load_before:.2f}: measuring limits", file=sys.stderr)  # fmt: skip
     machine = limits.measure(cfg, model.dtype, device)
-    pool = KVPool.empty(
-        cfg.num_hidden_layers,
-        max(c.blocks(config.block_size) for c in cases),
-        config.block_size,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        model.dtype,
-        device,
-    )
-    fill_random(pool)
+    pool = case_pool(model, config.block_size, cases)
     executor_args, tiled = deterministic_setup(model, config)
     executor = Executor(model, pool, **executor_args)
     loop = asyncio.new_event_loop()  # only for the plan's reply future, never resolved here
-    gen = torch.Generator().manual_seed(0)
     timed: list[tuple[Case, list[SequenceRows], list[float]]] = []
     try:
-        for case in cases:
-            free = torch.randperm(pool.num_blocks, generator=gen).tolist()
-            rows = build_rows(case, config.block_size, free, cfg.vocab_size, gen)
-            plan = StepPlan(len(timed), rows, loop.create_future())
+        for case, rows, plan in case_plans(cases, pool, cfg.vocab_size, loop):
             timed.append((case, rows, time_case(executor, plan, device, repeats, seconds)))
             print(f"{case.name}: {spread(timed[-1][2])['median_ms']:.2f} ms", file=sys.stderr)
     finally:  # the executor's thread is the process's compute thread: it stays
@@ -379,11 +389,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m pensieve.bench.be
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_bench(engine_config_from_args(args), cases, args.repeats, args.seconds)
-    print(table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print_report(table(report), report, args.json)
     return 0
+
+
+def print_report(text: str, report: dict[str, Any], path: str | None) -> None:
+    """The table on stdout, and every number as JSON at `path` where one is given."""
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
