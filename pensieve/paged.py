@@ -49,41 +49,42 @@ class StepMetadata:
 
     @classmethod
     def build(cls, rows: list[SequenceRows], block_size: int, device: torch.device) -> StepMetadata:
-        """Tensors for a step's rows; slots come from the block tables with array operations
-        (numpy's: torch's small-op dispatch made this ~0.4 ms of a one-row CPU step)."""
+        """Tensors for a step's rows, from plain lists made in one pass over the tokens.
+
+        Why lists: this runs after the step before it has streamed the weights through the
+        caches, where every numpy or torch call on a small array cost ~5 us (2-core Zen 4: a
+        one-row step's metadata 184 us cold, 37 warm, when built with ~30 array operations).
+        """
         width = max((len(r.block_table) for r in rows), default=1) or 1
-        table = np.full((len(rows), width), -1, dtype=np.int32)
-        for i, r in enumerate(rows):
-            table[i, : len(r.block_table)] = r.block_table
-        query_lens = np.array([len(r.tokens) for r in rows], dtype=np.int64)
-        starts = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=starts[1:])
-        host_positions = [p for r in rows for p in r.positions]
-        positions = np.array(host_positions, dtype=np.int64)
-        owner = np.repeat(np.arange(len(rows)), query_lens)
-        chunk = positions // block_size
-        if (chunk >= width).any():
-            raise ValueError("a position lies past its sequence's block table")
-        blocks = table[owner, chunk].astype(np.int64)
-        if (blocks < 0).any():
-            i = int(np.flatnonzero(blocks < 0)[0])
-            rid = rows[int(owner[i])].request_id
-            raise ValueError(f"request {rid}: position {int(positions[i])} is not on device")
-        slots = blocks * block_size + positions % block_size
-        sample_rows = np.array([starts[i + 1] - 1 for i, r in enumerate(rows) if r.sample])
+        table = [r.block_table + [-1] * (width - len(r.block_table)) for r in rows]
+        starts, positions, slots, sample_rows = [0], [], [], []
+        for r in rows:
+            blocks = r.block_table
+            for p in r.positions:
+                chunk = p // block_size
+                if chunk >= len(blocks):
+                    raise ValueError("a position lies past its sequence's block table")
+                if blocks[chunk] < 0:
+                    raise ValueError(f"request {r.request_id}: position {p} is not on device")
+                slots.append(blocks[chunk] * block_size + p % block_size)
+            positions += r.positions
+            starts.append(starts[-1] + len(r.tokens))
+            if r.sample:
+                sample_rows.append(starts[-1] - 1)
         host_ctx = [r.context_len for r in rows]
 
-        def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(a).to(device=device, dtype=dtype)
+        def tensor(values: list, dtype: np.dtype) -> torch.Tensor:
+            t = torch.from_numpy(np.array(values, dtype=dtype))
+            return t if device.type == "cpu" else t.to(device)
 
         return cls(
-            slot_mapping=tensor(slots, torch.int64),
-            positions=tensor(positions, torch.int32),
-            block_tables=tensor(table, torch.int32),
-            query_start=tensor(starts, torch.int32),
-            context_lens=torch.tensor(host_ctx, dtype=torch.int32, device=device),
-            sample_rows=tensor(sample_rows.astype(np.int64), torch.int64),
-            host=(starts.tolist(), host_positions, host_ctx),
+            slot_mapping=tensor(slots, np.int64),
+            positions=tensor(positions, np.int32),
+            block_tables=tensor(table, np.int32).view(len(rows), width),
+            query_start=tensor(starts, np.int32),
+            context_lens=tensor(host_ctx, np.int32),
+            sample_rows=tensor(sample_rows, np.int64),
+            host=(starts, positions, host_ctx),
         )
 
 
