@@ -12,9 +12,9 @@ modules.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from itertools import chain, repeat
 from operator import is_
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
