@@ -46,24 +46,25 @@ class CpuDecoderWeights:
     def __init__(self, model: LlamaForCausalLM, linears: list[Linear], int8: bool):
         config = model.config
         self.int8 = int8
-        self.linears = linears  # 4 a layer, in `kernels.cpu_decoder`'s order
-        self.forms = [_form(linear, int8) for linear in linears]
-        self.norm_modules = _norm_modules(model)
-        self.norm_weights = [n.weight for n in self.norm_modules]
-        self.norms = List(_row_bits(w) for w in self.norm_weights)
+        forms = [_form(linear, int8) for linear in linears]  # 4 a layer, in the loop's order
+        norm_modules = _norm_modules(model)
+        norm_weights = [n.weight for n in norm_modules]
+        self.norms = List(_row_bits(w) for w in norm_weights)
         if int8:
-            self.weights = (List(f.weight_array for f in self.forms),
-                            List(f.scale_array for f in self.forms))  # fmt: skip
+            self.weights = (List(f.weight_array for f in forms),
+                            List(f.scale_array for f in forms))  # fmt: skip
         else:
-            chunks = np.array([f.chunk for f in self.forms], dtype=np.int64)
-            self.weights = (List(f.blocks for f in self.forms), chunks)
+            chunks = np.array([f.chunk for f in forms], dtype=np.int64)
+            self.weights = (List(f.blocks for f in forms), chunks)
         heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.shape = (heads, kv, d, config.intermediate_size)
         self.eps = np.float32(model.model.norm.eps)  # every norm's (`_weights_of`)
         self.layers = config.num_hidden_layers
-        self._linear_dicts = [linear.__dict__ for linear in linears]  # for `current`
-        self._norm_params = [n._parameters for n in self.norm_modules]
-        self._taken = [*self.forms, *self.norm_weights]
+        # what `current` compares: where each form and norm weight is looked up, and what
+        # these views were taken from
+        self._linear_dicts = [linear.__dict__ for linear in linears]
+        self._norm_params = [n._parameters for n in norm_modules]
+        self._taken = [*forms, *norm_weights]
 
     def current(self) -> bool:
         """Whether every `Linear` still has the weight form these views were taken from, and

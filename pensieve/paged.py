@@ -46,6 +46,8 @@ class StepMetadata:
     sample_rows: torch.Tensor  # [S] int64: the last row of each sequence that samples
     # (query_start, positions, context_lens) as host lists: the CUDA kernels plan from them
     host: tuple[list[int], list[int], list[int]] | None = None
+    # sample_rows is every row in order (a decode batch): the logits need no gather
+    samples_every_row: bool = False
 
     @classmethod
     def build(cls, rows: list[SequenceRows], block_size: int, device: torch.device) -> StepMetadata:
@@ -85,6 +87,7 @@ class StepMetadata:
             context_lens=tensor(host_ctx, np.int32),
             sample_rows=tensor(sample_rows, np.int64),
             host=(starts, positions, host_ctx),
+            samples_every_row=sample_rows == list(range(starts[-1])),
         )
 
 

@@ -31,6 +31,14 @@ def test_slots_positions_and_sampled_rows_of_a_mixed_step():
     assert meta.context_lens.tolist() == [6, 7, 3]
     assert meta.sample_rows.tolist() == [0, 8]
     assert meta.host == ([0, 1, 6, 9], [5, 2, 3, 4, 5, 6, 0, 1, 2], [6, 7, 3])
+    assert not meta.samples_every_row
+
+
+def test_a_decode_batch_samples_every_row():
+    rows = [_rows(1, 5, 1, [9, 3]), _rows(2, 2, 1, [6])]
+    assert StepMetadata.build(rows, BLOCK, torch.device("cpu")).samples_every_row
+    one_waits = [_rows(1, 5, 1, [9, 3]), _rows(2, 2, 1, [6], sample=False)]
+    assert not StepMetadata.build(one_waits, BLOCK, torch.device("cpu")).samples_every_row
 
 
 def test_an_empty_step_builds():
