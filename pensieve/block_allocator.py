@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from pensieve.huge_pages import huge_page_zeros
 
 
 class OutOfBlocks(Exception):
@@ -52,6 +55,14 @@ def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
 
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed host tensor in 2 MB pages where the kernel grants them."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(huge_page_zeros(nbytes)).view(dtype).view(shape)
+
+
 @dataclass
 class KVPool:
     """K and V of every layer of one tier: [layers, blocks, block_size, kv_heads, head_dim]."""
@@ -72,10 +83,13 @@ class KVPool:
         pin_memory: bool = False,
     ) -> KVPool:
         """`pin_memory` (the host tier of a GPU host) page-locks the pool so that the swapper's
-        copies run asynchronously at full bandwidth; ignored where there is no GPU."""
+        copies run asynchronously at full bandwidth; ignored where there is no GPU. Other host
+        pools lie in 2 MB pages (`huge_pages`: the attention reads blocks from anywhere)."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         if pin_memory and device.type == "cpu" and torch.cuda.is_available():
             return cls(pinned(shape, dtype), pinned(shape, dtype))
+        if device.type == "cpu":
+            return cls(host_zeros(shape, dtype), host_zeros(shape, dtype))
         make = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return cls(make(), make())
 

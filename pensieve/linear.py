@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight, few_rows_weight
+from pensieve.huge_pages import carve
+from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight, few_rows_weight, fits
 from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
@@ -126,18 +127,23 @@ def pack_for_cpu(model: nn.Module) -> int:
     bfloat16 kernel on this CPU, bfloat16 weights stay on `F.linear`."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, Linear) or module.qweight is not None:
-            continue
+    linears = [
+        m
+        for m in model.modules()
+        if isinstance(m, Linear)
+        and m.qweight is None
+        and m.weight.device.type == "cpu"
+        and onednn_packs(m.weight.dtype)
+    ]
+    new = [m for m in linears if m.packed is None]
+    # the few-rows blocks of every weight in one 2 MB-page buffer, in the model's order
+    sizes = [m.weight.numel() * 2 if fits(m.weight) else 0 for m in new]
+    for module, piece in zip(new, carve(sizes), strict=True):
         w = module.weight
-        if w.device.type != "cpu" or not onednn_packs(w.dtype):
-            continue
-        if module.packed is None:
-            module.packed = reorder_for_onednn(w)
-            module.few_rows = few_rows_weight(w, _onednn_of(w, module.packed))
-        count += 1
-    return count
+        module.packed = reorder_for_onednn(w)
+        into = piece if piece.size else None
+        module.few_rows = few_rows_weight(w, _onednn_of(w, module.packed), into)
+    return len(linears)
 
 
 def _onednn_of(

@@ -11,9 +11,11 @@ holds against itself (the oracle runs the same quantized weights), not against b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from pensieve.huge_pages import carve
 from pensieve.linear import Linear
 
 QUANTIZATIONS = ("none", "int8")
@@ -34,11 +36,13 @@ def quantize_int8(model: nn.Module) -> int:
         raise ValueError("--quantize int8 runs on CPU only (int8 weight-only matmuls on CPU)")
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     saved = 0
-    for module in model.modules():
-        if not isinstance(module, Linear) or module.qweight is not None:
-            continue
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.qweight is None]
+    # every int8 weight in one 2 MB-page buffer, in the model's order (`huge_pages`)
+    pieces = carve([m.weight.numel() for m in linears])
+    for module, piece in zip(linears, pieces, strict=True):
         weight = module.weight
-        module.qweight, scale = quantize_rows_int8(weight)
+        q, scale = quantize_rows_int8(weight)
+        module.qweight = torch.from_numpy(piece.view(np.int8)).view(q.shape).copy_(q)
         module.qscale = scale.to(weight.dtype)
         if id(weight) not in shared:  # the float weight is no longer read: free it
             saved += weight.numel() * weight.element_size() - module.qweight.numel()
