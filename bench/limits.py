@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.config import ModelConfig
+from pensieve.huge_pages import huge_page_zeros
 from pensieve.linear import onednn_matmul, onednn_packs, reorder_for_onednn
 from pensieve.model import cpu_has_native_bf16
 
@@ -95,9 +96,15 @@ def gemm_throughput(
 
 def memory_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> dict[str, float]:
     """Bytes/s of summing a float32 tensor far larger than the caches (the read limit), and of
-    copying it (bytes read plus bytes written)."""
-    src = torch.rand(mib * 2**20 // 4, device=device)  # rand writes every page first
-    dst = torch.empty_like(src)
+    copying it (bytes read plus bytes written). On CPU both lie in 2 MB pages, as the step's
+    weights and pool do (`huge_pages`): the limit is the best this machine reaches."""
+    if device.type == "cpu":
+        src, dst = (torch.from_numpy(huge_page_zeros(mib * 2**20)).view(torch.float32)
+                    for _ in range(2))  # fmt: skip
+        src.uniform_()
+    else:
+        src = torch.rand(mib * 2**20 // 4, device=device)  # rand writes every page first
+        dst = torch.empty_like(src)
     nbytes = src.numel() * src.element_size()
     read = nbytes / best_seconds(src.sum, device, repeats)
     copy = 2 * nbytes / best_seconds(lambda: dst.copy_(src), device, repeats)

@@ -177,17 +177,12 @@ def fits(weight: torch.Tensor) -> bool:
     )
 
 
-def blocked(weight: torch.Tensor, into: np.ndarray | None = None) -> np.ndarray:
-    """The weight [N, K] as the kernels read it: [N/64, K/2, 64, 2] bfloat16 bits, flat;
-    written into `into` (N * K * 2 bytes, e.g. a piece of a huge-page arena) where given."""
+def blocked(weight: torch.Tensor) -> np.ndarray:
+    """The weight [N, K] as the kernels read it: [N/64, K/2, 64, 2] bfloat16 bits, flat."""
     n_dim, k_dim = weight.shape
     bits = weight.detach().contiguous().view(torch.uint16)
     tiles = bits.view(n_dim // BLOCK, BLOCK, k_dim // 2, 2).permute(0, 2, 1, 3)
-    if into is None:
-        return tiles.contiguous().numpy().reshape(-1)
-    flat = into.view(np.uint16)
-    torch.from_numpy(flat).view(tiles.shape).copy_(tiles)
-    return flat
+    return tiles.contiguous().numpy().reshape(-1)
 
 
 class FewRowsWeight:
@@ -196,9 +191,9 @@ class FewRowsWeight:
 
     __slots__ = ("blocks", "chunk", "out_features", "in_features")
 
-    def __init__(self, weight: torch.Tensor, chunk: int, into: np.ndarray | None = None):
+    def __init__(self, weight: torch.Tensor, chunk: int):
         self.out_features, self.in_features = weight.shape
-        self.blocks = blocked(weight, into)
+        self.blocks = blocked(weight)
         self.chunk = chunk
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,20 +214,18 @@ class FewRowsWeight:
 
 
 def few_rows_weight(
-    weight: torch.Tensor,
-    onednn: Callable[[torch.Tensor], Matmul],
-    into: np.ndarray | None = None,
+    weight: torch.Tensor, onednn: Callable[[torch.Tensor], Matmul]
 ) -> FewRowsWeight | None:
     """The weight for these kernels with oneDNN's K chunk for its shape (`onednn_chunk`), if
     they then give the bits of oneDNN's matmul of it (`onednn(weight)`) on random rows; None
-    where they do not, or the weight does not `fit`. `into`: where its blocks go (`blocked`)."""
+    where they do not, or the weight does not `fit`."""
     if not fits(weight):
         return None
     n_dim, k_dim = weight.shape
     chunk = onednn_chunk(n_dim, k_dim, onednn)
     if chunk is None:
         return None
-    few = FewRowsWeight(weight, chunk, into)
+    few = FewRowsWeight(weight, chunk)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(CHECK_ROWS, k_dim, generator=gen).to(torch.bfloat16)
     same = torch.equal(few.matmul(x).view(torch.uint16), onednn(weight)(x).view(torch.uint16))

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pensieve.huge_pages import carve
-from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight, few_rows_weight, fits
+from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight, few_rows_weight
 from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
@@ -136,14 +137,20 @@ def pack_for_cpu(model: nn.Module) -> int:
         and onednn_packs(m.weight.dtype)
     ]
     new = [m for m in linears if m.packed is None]
-    # the few-rows blocks of every weight in one 2 MB-page buffer, in the model's order
-    sizes = [m.weight.numel() * 2 if fits(m.weight) else 0 for m in new]
-    for module, piece in zip(new, carve(sizes), strict=True):
+    for module in new:
         w = module.weight
         module.packed = reorder_for_onednn(w)
-        into = piece if piece.size else None
-        module.few_rows = few_rows_weight(w, _onednn_of(w, module.packed), into)
+        module.few_rows = few_rows_weight(w, _onednn_of(w, module.packed))
+    _into_huge_pages([m.few_rows for m in new if m.few_rows is not None])
     return len(linears)
+
+
+def _into_huge_pages(forms: list[FewRowsWeight]) -> None:
+    """Move the forms' blocks into one 2 MB-page buffer, in the model's order (`huge_pages`:
+    a one-row step streams them all from DRAM)."""
+    for form, piece in zip(forms, carve([f.blocks.nbytes for f in forms]), strict=True):
+        piece[:] = form.blocks.view(np.uint8)
+        form.blocks = piece.view(np.uint16)
 
 
 def _onednn_of(
