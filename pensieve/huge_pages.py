@@ -8,7 +8,10 @@ of 0.6-3.5 MB, most smaller than one such page, so they are cut from one buffer 
 order the step reads them. Measured on a 2-core AMD EPYC (Zen 4) KVM guest, 8 alternating
 rounds in one process: a 256 MB sum 33.1 -> 38.3 GB/s; one-row bfloat16 decode after 512
 tokens 10.25 -> 9.77 ms, 8 rows 14.70 -> 14.12, int8 one row 5.76 -> 5.60 (weights only); the
-pool in 2 MB pages, 24 rows 33.98 -> 33.32. PENSIEVE_HUGE_PAGES=0 keeps ordinary allocations.
+pool in 2 MB pages, 24 rows 33.98 -> 33.32. The cost: there, memory the guest had never touched
+took ~2 s a GiB to fault in as 2 MB pages (4 KB pages: ~0.25 s), once, at start-up; so only
+what the steps stream goes here (bench/README.md). PENSIEVE_HUGE_PAGES=0 keeps ordinary
+allocations.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def test_host_pool_is_zeroed_contiguous_and_independent(dtype):
     assert pool.keys[1, 39].eq(1.5).all() and not pool.values.any()
     empty = KVPool.empty(2, 0, 16, 3, 64, dtype, torch.device("cpu"))
     assert empty.keys.shape == (2, 0, 16, 3, 64)
+    tier = KVPool.empty(2, 40, 16, 3, 64, dtype, torch.device("cpu"), pin_memory=True)
+    assert tier.keys.shape == pool.keys.shape and not tier.keys.any()
 
 
 def test_quantized_weights_in_the_arena_are_the_quantized_weights():
