@@ -96,8 +96,8 @@ def gemm_throughput(
 
 def memory_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> dict[str, float]:
     """Bytes/s of summing a float32 tensor far larger than the caches (the read limit), and of
-    copying it (bytes read plus bytes written). On CPU both lie in 2 MB pages, as the step's
-    weights and pool do (`huge_pages`): the limit is the best this machine reaches."""
+    copying it (bytes read plus bytes written). On CPU both are made as the step's weights and
+    pool are (`huge_pages`: 2 MB pages where granted), so the limit is the best it reaches."""
     if device.type == "cpu":
         src, dst = (torch.from_numpy(huge_page_zeros(mib * 2**20)).view(torch.float32)
                     for _ in range(2))  # fmt: skip

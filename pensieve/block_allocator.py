@@ -57,7 +57,7 @@ def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed host tensor in 2 MB pages where the kernel grants them."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     return torch.from_numpy(huge_page_zeros(nbytes)).view(dtype).view(shape)

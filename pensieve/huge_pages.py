@@ -10,8 +10,8 @@ rounds in one process: a 256 MB sum 33.1 -> 38.3 GB/s; one-row bfloat16 decode a
 tokens 10.25 -> 9.77 ms, 8 rows 14.70 -> 14.12, int8 one row 5.76 -> 5.60 (weights only); the
 pool in 2 MB pages, 24 rows 33.98 -> 33.32. The cost: there, memory the guest had never touched
 took ~2 s a GiB to fault in as 2 MB pages (4 KB pages: ~0.25 s), once, at start-up; so only
-what the steps stream goes here (bench/README.md). PENSIEVE_HUGE_PAGES=0 keeps ordinary
-allocations.
+what the steps stream goes here (bench/README.md). PENSIEVE_HUGE_PAGES=0 gives torch's
+allocations instead (the weights are still packed into one buffer, in 4 KB pages).
 """
 
 from __future__ import annotations
@@ -20,18 +20,21 @@ import mmap
 import os
 
 import numpy as np
+import torch
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # every piece starts on a cache line
 ENABLED = os.environ.get("PENSIEVE_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 
 
-def huge_page_zeros(nbytes: int) -> np.ndarray:
-    """`nbytes` zeroed bytes (uint8), in 2 MB pages where the kernel grants them (plain
-    `np.zeros` where it cannot be asked). Every page is written here, so the memory is
-    committed now, as `torch.zeros` commits it, not at some later step."""
+def huge_page_zeros(nbytes: int, commit: bool = True) -> np.ndarray:
+    """`nbytes` zeroed bytes (uint8), 64-byte aligned, in 2 MB pages where the kernel grants
+    them (torch's zeros where it cannot be asked, or the size is under one such page).
+    `commit`: write every page now, as `torch.zeros` does, so memory runs out at start-up if
+    at all; without it the pages fault in as they are first written (a buffer filled piece by
+    piece while the old copies are freed, so that loading peaks no higher than before)."""
     if not ENABLED or nbytes < HUGE_PAGE:
-        return np.zeros(nbytes, np.uint8)
+        return torch.zeros(nbytes, dtype=torch.uint8).numpy()
     # private anonymous memory (the default, shared, would be shmem, which this madvise
     # does not reach); page-aligned, not 2 MB-aligned, hence the extra page
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -43,16 +46,17 @@ def huge_page_zeros(nbytes: int) -> np.ndarray:
     except OSError:  # a kernel without transparent huge pages: ordinary pages
         pass
     out = whole[start : start + nbytes]
-    out.fill(0)
+    if commit:
+        out.fill(0)
     return out
 
 
 def carve(sizes: list[int]) -> list[np.ndarray]:
-    """Zeroed uint8 pieces of these sizes, in this order, cut from one `huge_page_zeros`
-    buffer, each 64-byte aligned."""
+    """Uint8 pieces of these sizes, in this order, cut from one `huge_page_zeros` buffer,
+    each 64-byte aligned; zero, and committed only as they are written."""
     starts, end = [], 0
     for size in sizes:
         starts.append(end)
         end += -(-size // ALIGN) * ALIGN
-    buffer = huge_page_zeros(end)
+    buffer = huge_page_zeros(end, commit=False)
     return [buffer[s : s + size] for s, size in zip(starts, sizes, strict=True)]
