@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pensieve.config import ModelConfig
-from pensieve.huge_pages import huge_page_zeros
+from pensieve.huge_pages import huge_page_tensor
 from pensieve.linear import onednn_matmul, onednn_packs, reorder_for_onednn
 from pensieve.model import cpu_has_native_bf16
 
@@ -99,8 +99,8 @@ def memory_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> 
     copying it (bytes read plus bytes written). On CPU both are made as the step's weights and
     pool are (`huge_pages`: 2 MB pages where granted), so the limit is the best it reaches."""
     if device.type == "cpu":
-        src, dst = (torch.from_numpy(huge_page_zeros(mib * 2**20)).view(torch.float32)
-                    for _ in range(2))  # fmt: skip
+        shape = (mib * 2**20 // 4,)
+        src, dst = huge_page_tensor(shape, torch.float32), huge_page_tensor(shape, torch.float32)
         src.uniform_()
     else:
         src = torch.rand(mib * 2**20 // 4, device=device)  # rand writes every page first

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from pensieve.huge_pages import huge_page_zeros
+from pensieve.huge_pages import huge_page_tensor
 
 
 class OutOfBlocks(Exception):
@@ -55,14 +54,6 @@ def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
 
-def host_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed host tensor in 2 MB pages where the kernel grants them."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    return torch.from_numpy(huge_page_zeros(nbytes)).view(dtype).view(shape)
-
-
 @dataclass
 class KVPool:
     """K and V of every layer of one tier: [layers, blocks, block_size, kv_heads, head_dim]."""
@@ -92,7 +83,7 @@ class KVPool:
         if pin_memory and device.type == "cpu" and torch.cuda.is_available():
             return cls(pinned(shape, dtype), pinned(shape, dtype))
         if device.type == "cpu" and not pin_memory:
-            return cls(host_zeros(shape, dtype), host_zeros(shape, dtype))
+            return cls(huge_page_tensor(shape, dtype), huge_page_tensor(shape, dtype))
         make = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return cls(make(), make())
 

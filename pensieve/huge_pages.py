@@ -16,6 +16,7 @@ allocations instead (the weights are still packed into one buffer, in 4 KB pages
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -60,3 +61,11 @@ def carve(sizes: list[int]) -> list[np.ndarray]:
         end += -(-size // ALIGN) * ALIGN
     buffer = huge_page_zeros(end, commit=False)
     return [buffer[s : s + size] for s, size in zip(starts, sizes, strict=True)]
+
+
+def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed, committed host tensor on a `huge_page_zeros` buffer."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:  # torch cannot view an empty byte buffer as a wider dtype
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(huge_page_zeros(nbytes)).view(dtype).view(shape)
