@@ -17,9 +17,13 @@ weight whose chunk or bits do not match is left to oneDNN.
 
 Layout: `blocked` copies the weight [N, K] into units of 32 features, K's pairs outermost in a
 unit, then 32 features x 2 (one pair of 16 lanes per `vdpbf16ps`): [N/64, K/2, 64, 2], a unit
-the half of each 256-byte row. Threads take contiguous shares of the units; within a unit rows
-go four at a time (eight accumulators; the unit's weights read from memory once, from L2 for
-the next four rows), the unit after it prefetched into L2 meanwhile, then the rest one by one.
+the half of each 256-byte row. Threads take contiguous shares of the units. Where a share holds
+a whole block, rows go four at a time over all 64 of its features (sixteen accumulators; the
+block read from memory once, from L2 for the next four rows), the block after it prefetched
+into L2 meanwhile, then the rest one by one; a lone unit at a share's edge goes the same way
+with eight accumulators. Sixteen chains, not eight: a core that issues two `vdpbf16ps` a
+cycle (AMD Zen 5) waited on eight of them; the model's 121 matmuls from memory, sixteen over
+eight, took 0.84-0.88 of the time at 16-64 rows on a 2-core Zen 5 EPYC (bench/README.md).
 """
 
 from __future__ import annotations
@@ -95,6 +99,71 @@ def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
 
 
 @njit(inline="always", **_FAST)
+def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
+    """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (sixteen accumulators:
+    enough independent chains to keep two `vdpbf16ps` a cycle busy); its four lines from
+    `ahead` on prefetched into L2 per pair."""
+    a00, a01, a02, a03 = v16zero(), v16zero(), v16zero(), v16zero()
+    a10, a11, a12, a13 = v16zero(), v16zero(), v16zero(), v16zero()
+    a20, a21, a22, a23 = v16zero(), v16zero(), v16zero(), v16zero()
+    a30, a31, a32, a33 = v16zero(), v16zero(), v16zero(), v16zero()
+    for p in range(pair_lo, pair_hi):
+        at = start + p * PAIR_ROW
+        to = ahead + p * PAIR_ROW
+        prefetch_l2(w, to)
+        prefetch_l2(w, to + UNIT)
+        prefetch_l2(w, to + 2 * UNIT)
+        prefetch_l2(w, to + 3 * UNIT)
+        x0, x1, x2, x3 = r0 + 2 * p, r1 + 2 * p, r2 + 2 * p, r3 + 2 * p
+        a00 = vdot_bf16_pair(a00, x, x0, w, at)
+        a01 = vdot_bf16_pair(a01, x, x0, w, at + UNIT)
+        a02 = vdot_bf16_pair(a02, x, x0, w, at + 2 * UNIT)
+        a03 = vdot_bf16_pair(a03, x, x0, w, at + 3 * UNIT)
+        a10 = vdot_bf16_pair(a10, x, x1, w, at)
+        a11 = vdot_bf16_pair(a11, x, x1, w, at + UNIT)
+        a12 = vdot_bf16_pair(a12, x, x1, w, at + 2 * UNIT)
+        a13 = vdot_bf16_pair(a13, x, x1, w, at + 3 * UNIT)
+        a20 = vdot_bf16_pair(a20, x, x2, w, at)
+        a21 = vdot_bf16_pair(a21, x, x2, w, at + UNIT)
+        a22 = vdot_bf16_pair(a22, x, x2, w, at + 2 * UNIT)
+        a23 = vdot_bf16_pair(a23, x, x2, w, at + 3 * UNIT)
+        a30 = vdot_bf16_pair(a30, x, x3, w, at)
+        a31 = vdot_bf16_pair(a31, x, x3, w, at + UNIT)
+        a32 = vdot_bf16_pair(a32, x, x3, w, at + 2 * UNIT)
+        a33 = vdot_bf16_pair(a33, x, x3, w, at + 3 * UNIT)
+    return (a00, a01, a02, a03, a10, a11, a12, a13,
+            a20, a21, a22, a23, a30, a31, a32, a33)  # fmt: skip
+
+
+@njit(**_FAST)
+def _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit):
+    """out[rows in fours, the block's 64 features from unit `unit`] = x @ W.T, chunk by chunk
+    of K; unit `ahead_unit` on prefetched meanwhile."""
+    pairs = k_dim // 2
+    start = _unit_start(unit, pairs)
+    ahead = _unit_start(ahead_unit, pairs)
+    for m in range(0, rows - rows % 4, 4):
+        r0 = m * k_dim
+        r1 = r0 + k_dim
+        r2 = r1 + k_dim
+        r3 = r2 + k_dim
+        t = _four_rows_block(x, r0, r1, r2, r3, w, start, 0, min(chunk_pairs, pairs), ahead)
+        for lo in range(chunk_pairs, pairs, chunk_pairs):
+            hi = min(lo + chunk_pairs, pairs)
+            s = _four_rows_block(x, r0, r1, r2, r3, w, start, lo, hi, ahead)
+            t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]),
+                 v16add(t[3], s[3]), v16add(t[4], s[4]), v16add(t[5], s[5]),
+                 v16add(t[6], s[6]), v16add(t[7], s[7]), v16add(t[8], s[8]),
+                 v16add(t[9], s[9]), v16add(t[10], s[10]), v16add(t[11], s[11]),
+                 v16add(t[12], s[12]), v16add(t[13], s[13]), v16add(t[14], s[14]),
+                 v16add(t[15], s[15]))  # fmt: skip
+        for i in range(4):
+            o = (m + i) * n_dim + unit * UNIT
+            for j in range(4):
+                v16store_bf16(out, o + 16 * j, t[4 * i + j])
+
+
+@njit(inline="always", **_FAST)
 def _unit_start(unit, pairs):
     """Where unit `unit`'s first K pair starts in the blocked weight."""
     return (unit // 2) * pairs * PAIR_ROW + (unit % 2) * 2 * UNIT
@@ -148,9 +217,12 @@ def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
     unit = unit_lo
     while unit < unit_hi:
         halves = 2 if unit % 2 == 0 and unit + 1 < unit_hi else 1
-        for h in range(halves):
-            ahead = min(unit + h + 1, unit_hi - 1)
-            _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit + h, ahead)
+        if halves == 2:
+            ahead = min(unit + 2, unit_hi - 1)
+            _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead)
+        else:
+            ahead = min(unit + 1, unit_hi - 1)
+            _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead)
         _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves)
         unit += halves
 
