@@ -287,6 +287,7 @@ def run_bench(config: EngineConfig, cases: list[Case], repeats: int | None, seco
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": limits.cpu_identity(),
         "cpu_flags": flags,
         "load_average": [load_before, os.getloadavg()[0]],  # 1-minute, before and after
         "deterministic": getattr(config, "deterministic", None),
@@ -321,12 +322,17 @@ def table(report: dict[str, Any]) -> str:
     lim = report["limits"]
     gemm = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in lim["gemm_flops_per_s"].items())
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in report["cpu_flags"].items())
+    cpu = report.get("cpu", {})  # runs saved before it was recorded have none
+    which = (
+        f"{cpu.get('vendor', '?')} family {cpu.get('family', '?')} model {cpu.get('model', '?')} "
+        f"({cpu.get('name', '?')}), LLVM {cpu.get('llvm_cpu', '?')}"
+    )
     lines = [
         f"{report['model']} {report['dtype']} on {report['device']}, torch {report['torch']}, "
         f"{report['threads']} threads, deterministic {report['deterministic']} "
         f"({report['tiled_matmuls']} matmuls tiled), quantize {report['quantize']}, "
         f"load average {report['load_average'][0]:.2f} -> {report['load_average'][1]:.2f}",
-        f"cpu: {flags}; attention kernel from Numba's cache: {report.get('kernel_cache')}",
+        f"cpu: {which}; {flags}; attention kernel from Numba's cache: {report.get('kernel_cache')}",
         f"GEMM GFLOP/s at M={lim['gemm_m']}: {gemm}",
         f"memory: read {lim['read_bytes_per_s'] / 1e9:.1f} GB/s, "
         f"copy {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)",

@@ -36,6 +36,33 @@ def cpu_flags() -> dict[str, bool]:
     return flags
 
 
+def cpu_identity() -> dict[str, str]:
+    """Which processor this is: /proc/cpuinfo's vendor, family, model and name, and the core
+    LLVM compiles the Numba kernels for (e.g. znver4 or znver5). A guest's model name may say
+    only "AMD EPYC"; family 25 is Zen 3/4 and 26 Zen 5, and the generation decides which
+    kernel shapes win (bench/README.md), so the figures say which machine gave them."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "model name": "name"}
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                name = fields.get(key.strip())
+                if name and name not in found:
+                    found[name] = value.strip()
+                if not line.strip() and found:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        found["llvm_cpu"] = llvm.get_host_cpu_name()
+    except (ImportError, RuntimeError):
+        pass
+    return found
+
+
 def matmul_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) features of each of the forward's matmuls."""
     h, hd = config.hidden_size, config.head_dim

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def check_report(report: dict, cases: int) -> None:
     flags = report["cpu_flags"]
     assert set(flags) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "native_bf16"}
     assert all(isinstance(v, bool) for v in flags.values())
+    cpu = report["cpu"]  # which processor gave the figures (/proc/cpuinfo, LLVM's name)
+    assert cpu.get("llvm_cpu")
+    if os.path.exists("/proc/cpuinfo"):
+        assert cpu["vendor"] and cpu["family"].isdigit() and cpu["model"].isdigit()
     limits = report["limits"]
     shapes = {"qkv", "o_proj", "gate_up", "down", "lm_head"}
     assert set(limits["shapes"]) == shapes
