@@ -135,10 +135,27 @@ def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
             a20, a21, a22, a23, a30, a31, a32, a33)  # fmt: skip
 
 
+@njit(inline="always", **_FAST)
+def _unit_start(unit, pairs):
+    """Where unit `unit`'s first K pair starts in the blocked weight."""
+    return (unit // 2) * pairs * PAIR_ROW + (unit % 2) * 2 * UNIT
+
+
+@njit(inline="always", **_FAST)
+def _four_rows_sums(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, halves):
+    """Four rows' sums for a whole block (`halves` 2: `_four_rows_block`) or one unit (1:
+    `_four_rows`), as sixteen vectors, row by row (a unit's two, then zeros in its place)."""
+    if halves == 2:
+        return _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead)
+    a = _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead)
+    z = v16zero()
+    return (a[0], a[1], z, z, a[2], a[3], z, z, a[4], a[5], z, z, a[6], a[7], z, z)
+
+
 @njit(**_FAST)
-def _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit):
-    """out[rows in fours, the block's 64 features from unit `unit`] = x @ W.T, chunk by chunk
-    of K; unit `ahead_unit` on prefetched meanwhile."""
+def _rows_in_fours(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit, halves):
+    """out[rows in fours, features of `halves` units from `unit`] = x @ W.T, chunk by chunk of
+    K; unit `ahead_unit` on prefetched meanwhile."""
     pairs = k_dim // 2
     start = _unit_start(unit, pairs)
     ahead = _unit_start(ahead_unit, pairs)
@@ -147,10 +164,11 @@ def _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahe
         r1 = r0 + k_dim
         r2 = r1 + k_dim
         r3 = r2 + k_dim
-        t = _four_rows_block(x, r0, r1, r2, r3, w, start, 0, min(chunk_pairs, pairs), ahead)
+        hi = min(chunk_pairs, pairs)
+        t = _four_rows_sums(x, r0, r1, r2, r3, w, start, 0, hi, ahead, halves)
         for lo in range(chunk_pairs, pairs, chunk_pairs):
             hi = min(lo + chunk_pairs, pairs)
-            s = _four_rows_block(x, r0, r1, r2, r3, w, start, lo, hi, ahead)
+            s = _four_rows_sums(x, r0, r1, r2, r3, w, start, lo, hi, ahead, halves)
             t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]),
                  v16add(t[3], s[3]), v16add(t[4], s[4]), v16add(t[5], s[5]),
                  v16add(t[6], s[6]), v16add(t[7], s[7]), v16add(t[8], s[8]),
@@ -159,38 +177,8 @@ def _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahe
                  v16add(t[15], s[15]))  # fmt: skip
         for i in range(4):
             o = (m + i) * n_dim + unit * UNIT
-            for j in range(4):
+            for j in range(2 * halves):
                 v16store_bf16(out, o + 16 * j, t[4 * i + j])
-
-
-@njit(inline="always", **_FAST)
-def _unit_start(unit, pairs):
-    """Where unit `unit`'s first K pair starts in the blocked weight."""
-    return (unit // 2) * pairs * PAIR_ROW + (unit % 2) * 2 * UNIT
-
-
-@njit(**_FAST)
-def _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit):
-    """out[rows in fours, unit's features] = x @ W.T, chunk by chunk of K; unit `ahead_unit`
-    prefetched meanwhile."""
-    pairs = k_dim // 2
-    start = _unit_start(unit, pairs)
-    ahead = _unit_start(ahead_unit, pairs)
-    for m in range(0, rows - rows % 4, 4):
-        r0 = m * k_dim
-        r1 = r0 + k_dim
-        r2 = r1 + k_dim
-        r3 = r2 + k_dim
-        t = _four_rows(x, r0, r1, r2, r3, w, start, 0, min(chunk_pairs, pairs), ahead)
-        for lo in range(chunk_pairs, pairs, chunk_pairs):
-            s = _four_rows(x, r0, r1, r2, r3, w, start, lo, min(lo + chunk_pairs, pairs), ahead)
-            t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]),
-                 v16add(t[3], s[3]), v16add(t[4], s[4]), v16add(t[5], s[5]),
-                 v16add(t[6], s[6]), v16add(t[7], s[7]))  # fmt: skip
-        for i in range(4):
-            o = (m + i) * n_dim + unit * UNIT
-            v16store_bf16(out, o, t[2 * i])
-            v16store_bf16(out, o + 16, t[2 * i + 1])
 
 
 @njit(**_FAST)
@@ -217,12 +205,8 @@ def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
     unit = unit_lo
     while unit < unit_hi:
         halves = 2 if unit % 2 == 0 and unit + 1 < unit_hi else 1
-        if halves == 2:
-            ahead = min(unit + 2, unit_hi - 1)
-            _four_rows_whole_block(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead)
-        else:
-            ahead = min(unit + 1, unit_hi - 1)
-            _four_rows_unit(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead)
+        ahead = min(unit + halves, unit_hi - 1)
+        _rows_in_fours(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead, halves)
         _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves)
         unit += halves
 
