@@ -48,6 +48,18 @@ _FAST = {"error_model": "numpy", "cache": True, "nogil": True}
 
 
 @njit(inline="always", **_FAST)
+def _block_pair(a0, a1, a2, a3, x, xp, w, at):
+    """One row's four accumulators over a block's 64 features, one K pair on: x's pair at xp
+    times the block's four vectors of pairs from `at`."""
+    return (
+        vdot_bf16_pair(a0, x, xp, w, at),
+        vdot_bf16_pair(a1, x, xp, w, at + UNIT),
+        vdot_bf16_pair(a2, x, xp, w, at + 2 * UNIT),
+        vdot_bf16_pair(a3, x, xp, w, at + 3 * UNIT),
+    )
+
+
+@njit(inline="always", **_FAST)
 def _one_row(x, row, w, start, pair_lo, pair_hi, halves):
     """One row's sums over K pairs [pair_lo, pair_hi) for the unit whose pairs start at
     `start`, and for the unit beside it where `halves` is 2 (a whole block: one contiguous
@@ -58,11 +70,7 @@ def _one_row(x, row, w, start, pair_lo, pair_hi, halves):
     a3 = v16zero()
     if halves == 2:
         for p in range(pair_lo, pair_hi):
-            at = start + p * PAIR_ROW
-            a0 = vdot_bf16_pair(a0, x, row + 2 * p, w, at)
-            a1 = vdot_bf16_pair(a1, x, row + 2 * p, w, at + UNIT)
-            a2 = vdot_bf16_pair(a2, x, row + 2 * p, w, at + 2 * UNIT)
-            a3 = vdot_bf16_pair(a3, x, row + 2 * p, w, at + 3 * UNIT)
+            a0, a1, a2, a3 = _block_pair(a0, a1, a2, a3, x, row + 2 * p, w, start + p * PAIR_ROW)
     else:
         for p in range(pair_lo, pair_hi):
             at = start + p * PAIR_ROW
@@ -114,23 +122,10 @@ def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
         prefetch_l2(w, to + UNIT)
         prefetch_l2(w, to + 2 * UNIT)
         prefetch_l2(w, to + 3 * UNIT)
-        x0, x1, x2, x3 = r0 + 2 * p, r1 + 2 * p, r2 + 2 * p, r3 + 2 * p
-        a00 = vdot_bf16_pair(a00, x, x0, w, at)
-        a01 = vdot_bf16_pair(a01, x, x0, w, at + UNIT)
-        a02 = vdot_bf16_pair(a02, x, x0, w, at + 2 * UNIT)
-        a03 = vdot_bf16_pair(a03, x, x0, w, at + 3 * UNIT)
-        a10 = vdot_bf16_pair(a10, x, x1, w, at)
-        a11 = vdot_bf16_pair(a11, x, x1, w, at + UNIT)
-        a12 = vdot_bf16_pair(a12, x, x1, w, at + 2 * UNIT)
-        a13 = vdot_bf16_pair(a13, x, x1, w, at + 3 * UNIT)
-        a20 = vdot_bf16_pair(a20, x, x2, w, at)
-        a21 = vdot_bf16_pair(a21, x, x2, w, at + UNIT)
-        a22 = vdot_bf16_pair(a22, x, x2, w, at + 2 * UNIT)
-        a23 = vdot_bf16_pair(a23, x, x2, w, at + 3 * UNIT)
-        a30 = vdot_bf16_pair(a30, x, x3, w, at)
-        a31 = vdot_bf16_pair(a31, x, x3, w, at + UNIT)
-        a32 = vdot_bf16_pair(a32, x, x3, w, at + 2 * UNIT)
-        a33 = vdot_bf16_pair(a33, x, x3, w, at + 3 * UNIT)
+        a00, a01, a02, a03 = _block_pair(a00, a01, a02, a03, x, r0 + 2 * p, w, at)
+        a10, a11, a12, a13 = _block_pair(a10, a11, a12, a13, x, r1 + 2 * p, w, at)
+        a20, a21, a22, a23 = _block_pair(a20, a21, a22, a23, x, r2 + 2 * p, w, at)
+        a30, a31, a32, a33 = _block_pair(a30, a31, a32, a33, x, r3 + 2 * p, w, at)
     return (a00, a01, a02, a03, a10, a11, a12, a13,
             a20, a21, a22, a23, a30, a31, a32, a33)  # fmt: skip
 
