@@ -21,9 +21,10 @@ the half of each 256-byte row. Threads take contiguous shares of the units. Wher
 a whole block, rows go four at a time over all 64 of its features (sixteen accumulators; the
 block read from memory once, from L2 for the next four rows), the block after it prefetched
 into L2 meanwhile, then the rest one by one; a lone unit at a share's edge goes the same way
-with eight accumulators. Sixteen chains, not eight: a core that issues two `vdpbf16ps` a
-cycle (AMD Zen 5) waited on eight of them; the model's 121 matmuls from memory, sixteen over
-eight, took 0.84-0.88 of the time at 16-64 rows on a 2-core Zen 5 EPYC (bench/README.md).
+with eight accumulators. Sixteen chains, not eight: a core that runs two `vdpbf16ps` a
+cycle (AMD Zen 5) likely waited on eight of them; the model's 121 matmuls from memory,
+sixteen over eight, took 0.84-0.91 of the time at 16, 24 and 64 rows (32 rows 0.95; median
+ratios, 6 alternating rounds) on a 2-core Zen 5 EPYC (bench/README.md).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
 
 @njit(inline="always", **_FAST)
 def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
-    """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (sixteen accumulators:
-    enough independent chains to keep two `vdpbf16ps` a cycle busy); its four lines from
-    `ahead` on prefetched into L2 per pair."""
+    """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (sixteen independent
+    accumulators, for a core that runs two `vdpbf16ps` a cycle); its four lines from `ahead`
+    on prefetched into L2 per pair."""
     a00, a01, a02, a03 = v16zero(), v16zero(), v16zero(), v16zero()
     a10, a11, a12, a13 = v16zero(), v16zero(), v16zero(), v16zero()
     a20, a21, a22, a23 = v16zero(), v16zero(), v16zero(), v16zero()

@@ -213,7 +213,7 @@ class Engine:
         host_blocks = cfg.host_cache_tokens // cfg.block_size if cfg.mode == "stateful" else 0
         layout = (cfg.block_size, mc.num_key_value_heads, mc.head_dim, model.dtype)
         layers = mc.num_hidden_layers
-        # zero-filled (by torch's threads on a GPU) on the compute thread, like every parallel op
+        # zero-filled on the compute thread, like every parallel op (a CPU pool: `huge_pages`)
         device_pool = await run_on_compute_thread(
             KVPool.empty, layers, device_blocks, *layout, device=model.device
         )
