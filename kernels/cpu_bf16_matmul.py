@@ -19,9 +19,14 @@ Layout: `blocked` copies the weight [N, K] into units of 32 features, K's pairs 
 unit, then 32 features x 2 (one pair of 16 lanes per `vdpbf16ps`): [N/64, K/2, 64, 2], a unit
 the half of each 256-byte row. Threads take contiguous shares of the units. Where a share holds
 a whole block, rows go four at a time over all 64 of its features (sixteen accumulators; the
-block read from memory once, from L2 for the next four rows), the block after it prefetched
-into L2 meanwhile, then the rest one by one; a lone unit at a share's edge goes the same way
-with eight accumulators. Sixteen chains, not eight: a core that runs two `vdpbf16ps` a
+block read from memory once, from L2 for the next four rows), then the rest one by one; a lone
+unit at a share's edge goes the same way with eight accumulators. The block after it is
+prefetched into L2 meanwhile, spread evenly over every four's pass, not all in the first
+(four lines a K pair there asked ~100 GB/s of one core, likely filling the miss buffers that
+the next fours' loads from L2 wait on too). Spread, the model's 121 matmuls from memory took
+0.85 of the time at 24 rows (twice), 0.78-0.79 at 32-128, 0.73 at 256 and 0.88-0.90 at 8-16;
+an engine step of 24 rows after 512 tokens 0.95 (median ratios, 6 alternating rounds in one
+process, 2-core Zen 5 EPYC). Sixteen chains, not eight: a core that runs two `vdpbf16ps` a
 cycle (AMD Zen 5) likely waited on eight of them; the model's 121 matmuls from memory,
 sixteen over eight, took 0.84-0.91 of the time at 16, 24 and 64 rows (32 rows 0.95; median
 ratios, 6 alternating rounds) on a 2-core Zen 5 EPYC (bench/README.md).
@@ -81,9 +86,10 @@ def _one_row(x, row, w, start, pair_lo, pair_hi, halves):
 
 
 @njit(inline="always", **_FAST)
-def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
-    """Four rows' sums over K pairs [pair_lo, pair_hi) for one unit; two lines from `ahead`
-    on are prefetched into L2 per pair (the next unit's, for the rows after these)."""
+def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line, debt, groups):
+    """Four rows' sums over K pairs [pair_lo, pair_hi) for one unit; the next unit's lines
+    prefetched into L2, two for every `groups` pairs, from `line` on (`debt`: the share of
+    one already owed, in `groups`ths)."""
     a00 = v16zero()
     a01 = v16zero()
     a10 = v16zero()
@@ -94,8 +100,11 @@ def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
     a31 = v16zero()
     for p in range(pair_lo, pair_hi):
         at = start + p * PAIR_ROW
-        prefetch_l2(w, ahead + p * PAIR_ROW)
-        prefetch_l2(w, ahead + p * PAIR_ROW + UNIT)
+        debt += 2
+        while debt >= groups:
+            prefetch_l2(w, ahead + (line >> 1) * PAIR_ROW + (line & 1) * 32)
+            line += 1
+            debt -= groups
         a00 = vdot_bf16_pair(a00, x, r0 + 2 * p, w, at)
         a01 = vdot_bf16_pair(a01, x, r0 + 2 * p, w, at + UNIT)
         a10 = vdot_bf16_pair(a10, x, r1 + 2 * p, w, at)
@@ -108,21 +117,21 @@ def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
 
 
 @njit(inline="always", **_FAST)
-def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead):
+def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line, debt, groups):
     """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (sixteen independent
-    accumulators, for a core that runs two `vdpbf16ps` a cycle); its four lines from `ahead`
-    on prefetched into L2 per pair."""
+    accumulators, for a core that runs two `vdpbf16ps` a cycle); the next block's lines
+    prefetched into L2, four for every `groups` pairs, from `line` on (as `_four_rows`)."""
     a00, a01, a02, a03 = v16zero(), v16zero(), v16zero(), v16zero()
     a10, a11, a12, a13 = v16zero(), v16zero(), v16zero(), v16zero()
     a20, a21, a22, a23 = v16zero(), v16zero(), v16zero(), v16zero()
     a30, a31, a32, a33 = v16zero(), v16zero(), v16zero(), v16zero()
     for p in range(pair_lo, pair_hi):
         at = start + p * PAIR_ROW
-        to = ahead + p * PAIR_ROW
-        prefetch_l2(w, to)
-        prefetch_l2(w, to + UNIT)
-        prefetch_l2(w, to + 2 * UNIT)
-        prefetch_l2(w, to + 3 * UNIT)
+        debt += 4
+        while debt >= groups:
+            prefetch_l2(w, ahead + line * 32)
+            line += 1
+            debt -= groups
         a00, a01, a02, a03 = _block_pair(a00, a01, a02, a03, x, r0 + 2 * p, w, at)
         a10, a11, a12, a13 = _block_pair(a10, a11, a12, a13, x, r1 + 2 * p, w, at)
         a20, a21, a22, a23 = _block_pair(a20, a21, a22, a23, x, r2 + 2 * p, w, at)
@@ -138,12 +147,19 @@ def _unit_start(unit, pairs):
 
 
 @njit(inline="always", **_FAST)
-def _four_rows_sums(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, halves):
-    """Four rows' sums for a whole block (`halves` 2: `_four_rows_block`) or one unit (1:
-    `_four_rows`), as sixteen vectors, row by row (a unit's two, then zeros in its place)."""
+def _four_rows_sums(x, r0, r1, r2, r3, w, start, pairs, pair_lo, pair_hi, ahead, halves, group,
+                    groups):  # fmt: skip
+    """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (`halves` 2:
+    `_four_rows_block`) or one unit (1: `_four_rows`), as sixteen vectors, row by row (a
+    unit's two, then zeros in its place). The next block or unit is prefetched across all
+    `groups` fours of rows, not in the first four's pass: this four (`group`) takes the lines
+    from (group * pairs + pair_lo) * lines / groups on (`lines` a K pair)."""
+    lines = 2 * halves
+    line, debt = divmod((group * pairs + pair_lo) * lines, groups)
     if halves == 2:
-        return _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead)
-    a = _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead)
+        return _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line,
+                                debt, groups)  # fmt: skip
+    a = _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line, debt, groups)
     z = v16zero()
     return (a[0], a[1], z, z, a[2], a[3], z, z, a[4], a[5], z, z, a[6], a[7], z, z)
 
@@ -155,16 +171,19 @@ def _rows_in_fours(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead_unit,
     pairs = k_dim // 2
     start = _unit_start(unit, pairs)
     ahead = _unit_start(ahead_unit, pairs)
+    groups = rows // 4
     for m in range(0, rows - rows % 4, 4):
         r0 = m * k_dim
         r1 = r0 + k_dim
         r2 = r1 + k_dim
         r3 = r2 + k_dim
+        g = m // 4
         hi = min(chunk_pairs, pairs)
-        t = _four_rows_sums(x, r0, r1, r2, r3, w, start, 0, hi, ahead, halves)
+        t = _four_rows_sums(x, r0, r1, r2, r3, w, start, pairs, 0, hi, ahead, halves, g, groups)
         for lo in range(chunk_pairs, pairs, chunk_pairs):
             hi = min(lo + chunk_pairs, pairs)
-            s = _four_rows_sums(x, r0, r1, r2, r3, w, start, lo, hi, ahead, halves)
+            s = _four_rows_sums(x, r0, r1, r2, r3, w, start, pairs, lo, hi, ahead, halves, g,
+                                groups)  # fmt: skip
             t = (v16add(t[0], s[0]), v16add(t[1], s[1]), v16add(t[2], s[2]),
                  v16add(t[3], s[3]), v16add(t[4], s[4]), v16add(t[5], s[5]),
                  v16add(t[6], s[6]), v16add(t[7], s[7]), v16add(t[8], s[8]),
