@@ -1,6 +1,6 @@
 """The model's decoder layers as one Numba loop (`kernels.cpu_decoder`) for small CPU steps.
 
-`LlamaForCausalLM.forward` asks `layers_runner` first: where the step has at most FEW_ROWS
+`LlamaForCausalLM.forward` asks `layers_runner` first: where the step has at most LOOP_ROWS
 bfloat16 rows on the paged CPU pool and every matmul of every layer runs on
 `cpu_bf16_matmul` (oneDNN's bits), or at most FASTER_UP_TO_ROWS rows and every matmul on
 `cpu_int8_torch_order` (`--quantize int8`, torch's bits), the layers run there; elsewhere
@@ -27,7 +27,7 @@ from pensieve.kernels.cpu_decoder import decoder_layers
 from pensieve.kernels.cpu_int8 import TORCH_INT8_VECTORISED, Int8Weight
 from pensieve.kernels.cpu_int8_torch_order import FASTER_UP_TO_ROWS
 from pensieve.kernels.cpu_threads import numba_threads_as_torch
-from pensieve.linear import FEW_ROWS, Linear
+from pensieve.linear import Linear
 from pensieve.paged import CpuLayerArrays, PagedAttentionBackend
 
 if TYPE_CHECKING:
@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from pensieve.model import LlamaForCausalLM
 
 ENABLED = os.environ.get("PENSIEVE_CPU_DECODER", "1") != "0"
+# Steps of up to this many bfloat16 rows run in the loop (the default step budget,
+# `max_batch_tokens`), past `linear.FEW_ROWS` too: there its matmuls took 1.02-1.05x oneDNN's
+# time (a layer's four at 512 rows; 1.01-1.08 at 1024-2048), but the loop saves the modules'
+# per-op costs: a 512-token prefill took 0.89-0.91 of the modules' step, 24 decodes with a
+# 256-token chunk 0.83-0.85 (median ratios of two runs of 4 alternating rounds in one process;
+# 2-core Zen 5 EPYC).
+# Above it, unmeasured, the modules (oneDNN) keep the step; the bits are the same either way.
+LOOP_ROWS = 512
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -137,7 +145,7 @@ def layers_runner(model: LlamaForCausalLM, x: torch.Tensor, attn: object) -> Run
     if not isinstance(attn, PagedAttentionBackend):
         return None
     weights = _weights_of(model)
-    if weights is None or rows > (FASTER_UP_TO_ROWS if weights.int8 else FEW_ROWS):
+    if weights is None or rows > (FASTER_UP_TO_ROWS if weights.int8 else LOOP_ROWS):
         return None
     arrays = attn.cpu_layer_arrays(model.config.num_attention_heads, model.config.head_dim)
     if arrays is None or arrays.keys.shape[0] != weights.layers:  # a pool of another model

@@ -24,7 +24,8 @@ STEPS = {
     "decodes": [(1, 0), (1, 16), (1, 70), (1, 5)],
     "decodes and a chunk": [(1, 33), (9, 20), (1, 2)],
     "a prompt": [(37, 0)],
-    "the most rows it takes": [(FEW_ROWS - 2, 0), (1, 30), (1, 7)],
+    "more rows than FEW_ROWS": [(FEW_ROWS + 30, 0), (1, 30), (1, 7)],
+    "the most rows it takes": [(cpu_decoder.LOOP_ROWS - 2, 0), (1, 30), (1, 7)],
 }
 
 
@@ -173,7 +174,7 @@ def test_steps_it_does_not_take_run_on_the_modules(model):
     assert cpu_decoder.layers_runner(model, x, debug) is None
     oracle = ContiguousKV(model.config.num_hidden_layers)
     assert cpu_decoder.layers_runner(model, x, oracle) is None
-    many = model.model.embed_tokens(torch.zeros(FEW_ROWS + 1, dtype=torch.long))
+    many = model.model.embed_tokens(torch.zeros(cpu_decoder.LOOP_ROWS + 1, dtype=torch.long))
     assert cpu_decoder.layers_runner(model, many, PagedAttentionBackend(pool, meta)) is None
     other = _pool(model)  # a pool of a model with another number of layers
     other.keys, other.values = other.keys[:-1], other.values[:-1]
