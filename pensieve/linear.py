@@ -36,7 +36,8 @@ from pensieve.kernels.cpu_int8_torch_order import FASTER_UP_TO_ROWS
 PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not row-invariant
 # Up to this many rows `cpu_bf16_matmul` runs a bfloat16 matmul, more rows oneDNN's GEMM. Its
 # time over oneDNN's, weights from DRAM (2-core Zen 4 EPYC): 1 row 0.45-0.76, 24-64 rows
-# 0.75-1.0, 96-256 rows 0.82-0.99, 280-512 rows 0.91-1.03 (even: prefill keeps oneDNN's)
+# 0.75-1.0, 96-256 rows 0.82-0.99, 280-512 rows 0.91-1.03 (even: a lone call keeps oneDNN's).
+# A whole step of up to `cpu_decoder.LOOP_ROWS` rows runs these kernels in one loop instead.
 FEW_ROWS = 256
 
 
