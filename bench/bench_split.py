@@ -3,7 +3,8 @@
     python -m pensieve.bench.bench_split [--cases 'decode-b*-c512'] [--quantize int8] [--json F]
 
 For each of bench_step's cases that the one-loop decoder takes (`kernels.cpu_decoder`: bfloat16
-steps of up to 256 rows, int8 of one or two), the same step is timed:
+steps of up to `pensieve.cpu_decoder.LOOP_ROWS` rows, int8 of one or two), the same step is
+timed:
 - the loop over every layer whole, then with its matmuls, its attention, or both swapped for
   kernels that do nothing (the rest: RMSNorm, RoPE, SiLU, residual adds, allocations);
 - the attention kernel alone on the step's rows over every layer (keys and values from

@@ -45,5 +45,6 @@ def test_every_piece_of_a_decode_step_is_timed(executor: Executor) -> None:
 
 
 def test_a_step_past_the_loop_is_not_split(executor: Executor) -> None:
-    plan = _plan([(300, 0)], executor.model.config.vocab_size)  # more rows than it takes
+    rows = bench_split.cpu_decoder.LOOP_ROWS + 1  # more rows than it takes
+    plan = _plan([(rows, 0)], executor.model.config.vocab_size)
     assert bench_split.split_case(executor, plan, rounds=1, calls=1) is None
