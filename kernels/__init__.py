@@ -6,11 +6,11 @@ kernels; `cuda_prims`: device primitives with simulator twins; `inspect`: ptxas 
 tensors the Numba CPU kernel (`cpu_attention`, which hands sequences with many query rows to
 gather + torch SDPA in `cpu_sdpa`, faster there); `reference` holds the torch oracle,
 `testing` builds test inputs; `cpu_bf16_matmul` runs the model's bfloat16 matmuls of up to
-256 rows in oneDNN's summation order (its bits, faster); `cpu_int8` is the model's int8
-weight-only matmul where torch's is not vectorised, `cpu_threads` runs the CPU kernels on
-torch's thread count; `cpu_fused` holds the model's RMSNorm, RoPE and SiLU-and-multiply as
-one Numba call each on CPU; `simd`, `simd512` and `simd512_math` are the vector intrinsics the
-CPU kernels are written in.
+256 rows (512 in `cpu_decoder`'s loop) in oneDNN's summation order (its bits, faster);
+`cpu_int8` is the model's int8 weight-only matmul where torch's is not vectorised,
+`cpu_threads` runs the CPU kernels on torch's thread count; `cpu_fused` holds the model's
+RMSNorm, RoPE and SiLU-and-multiply as one Numba call each on CPU; `simd`, `simd512` and
+`simd512_math` are the vector intrinsics the CPU kernels are written in.
 The CUDA module is imported on first use only, so CPU-only processes never import numba.cuda
 (and a test process may still switch on the CUDA simulator before it does).
 """

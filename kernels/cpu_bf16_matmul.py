@@ -21,15 +21,17 @@ the half of each 256-byte row. Threads take contiguous shares of the units. Wher
 a whole block, rows go four at a time over all 64 of its features (sixteen accumulators; the
 block read from memory once, from L2 for the next four rows), then the rest one by one; a lone
 unit at a share's edge goes the same way with eight accumulators. The block after it is
-prefetched into L2 meanwhile, spread evenly over every four's pass, not all in the first
-(four lines a K pair there asked ~100 GB/s of one core, likely filling the miss buffers that
-the next fours' loads from L2 wait on too). Spread, the model's 121 matmuls from memory took
-0.85 of the time at 24 rows (twice), 0.78-0.79 at 32-128, 0.73 at 256 and 0.88-0.90 at 8-16;
-an engine step of 24 rows after 512 tokens 0.95 (median ratios, 6 alternating rounds in one
-process, 2-core Zen 5 EPYC). Sixteen chains, not eight: a core that runs two `vdpbf16ps` a
-cycle (AMD Zen 5) likely waited on eight of them; the model's 121 matmuls from memory,
-sixteen over eight, took 0.84-0.91 of the time at 16, 24 and 64 rows (32 rows 0.95; median
-ratios, 6 alternating rounds) on a 2-core Zen 5 EPYC (bench/README.md).
+prefetched into L2 meanwhile, each of its lines once, spread evenly over the fours' passes
+(it was the whole block in every four's pass: from memory in the first, again for nothing
+in the rest, four lines a K pair, ~100 GB/s asked of one core in the first pass). Fewer
+instructions, fewer misses in flight at once: which of the two counts was not measured. The
+model's 121 matmuls from memory took 0.85 of the time at 24 rows (twice), 0.78-0.79 at
+32-128, 0.73 at 256 and 0.88-0.90 at 8-16; an engine step of 24 rows after 512 tokens 0.95
+(median ratios, 6 alternating rounds in one process, 2-core Zen 5 EPYC). Sixteen chains, not
+eight: a core that runs two `vdpbf16ps` a cycle (AMD Zen 5) likely waited on eight of them;
+the model's 121 matmuls from memory, sixteen over eight, took 0.84-0.91 of the time at 16, 24
+and 64 rows (32 rows 0.95; median ratios, 6 alternating rounds) on a 2-core Zen 5 EPYC
+(bench/README.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .simd512 import has_avx512_bf16, v16add, v16store_bf16, v16zero, vdot_bf16_
 
 UNIT = 32  # features a work item computes (two 16-lane accumulators a row)
 BLOCK = 2 * UNIT  # features of a row of the blocked weight: two units side by side
+LINE = 32  # uint16 elements of a 64-byte cache line
 PAIR_ROW = 2 * BLOCK  # uint16 elements of one K pair of a block
 CHECK_ROWS = 259  # random rows compared with oneDNN's many-row call (fours and single rows)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
@@ -102,7 +105,7 @@ def _four_rows(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line, debt,
         at = start + p * PAIR_ROW
         debt += 2
         while debt >= groups:
-            prefetch_l2(w, ahead + (line >> 1) * PAIR_ROW + (line & 1) * 32)
+            prefetch_l2(w, ahead + (line >> 1) * PAIR_ROW + (line & 1) * LINE)
             line += 1
             debt -= groups
         a00 = vdot_bf16_pair(a00, x, r0 + 2 * p, w, at)
@@ -129,7 +132,7 @@ def _four_rows_block(x, r0, r1, r2, r3, w, start, pair_lo, pair_hi, ahead, line,
         at = start + p * PAIR_ROW
         debt += 4
         while debt >= groups:
-            prefetch_l2(w, ahead + line * 32)
+            prefetch_l2(w, ahead + line * LINE)
             line += 1
             debt -= groups
         a00, a01, a02, a03 = _block_pair(a00, a01, a02, a03, x, r0 + 2 * p, w, at)
@@ -220,7 +223,7 @@ def _units(x, w, out, k_dim, n_dim, chunk, unit_lo, unit_hi):
     unit = unit_lo
     while unit < unit_hi:
         halves = 2 if unit % 2 == 0 and unit + 1 < unit_hi else 1
-        ahead = min(unit + halves, unit_hi - 1)
+        ahead = unit + halves if unit + halves < unit_hi else unit  # the last: itself, cached
         _rows_in_fours(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, ahead, halves)
         _single_rows(x, w, out, k_dim, n_dim, chunk_pairs, rows, unit, halves)
         unit += halves

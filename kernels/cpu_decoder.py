@@ -1,4 +1,4 @@
-"""A run of decoder layers as one Numba call: the CPU step for a few bfloat16 rows.
+"""A run of decoder layers as one Numba call: the CPU step for up to a few hundred bfloat16 rows.
 
 Why: at one decode row a layer's compute is ~10 small kernels of a few microseconds each, and
 the torch/Python path around them (module calls, tensor <-> numpy views, dispatch of a dozen

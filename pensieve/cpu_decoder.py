@@ -1,12 +1,13 @@
-"""The model's decoder layers as one Numba loop (`kernels.cpu_decoder`) for small CPU steps.
+"""The model's decoder layers as one Numba loop (`kernels.cpu_decoder`) for CPU steps of up to
+LOOP_ROWS rows.
 
 `LlamaForCausalLM.forward` asks `layers_runner` first: where the step has at most LOOP_ROWS
 bfloat16 rows on the paged CPU pool and every matmul of every layer runs on
 `cpu_bf16_matmul` (oneDNN's bits), or at most FASTER_UP_TO_ROWS rows and every matmul on
 `cpu_int8_torch_order` (`--quantize int8`, torch's bits), the layers run there; elsewhere
 (float32, CUDA, the contiguous oracle, larger steps) through the modules. Both give the same
-bits. Why it pays: kernels/cpu_decoder.py. PENSIEVE_CPU_DECODER=0 keeps every step on the
-modules.
+bits. Why it pays: kernels/cpu_decoder.py (one row), LOOP_ROWS below (hundreds).
+PENSIEVE_CPU_DECODER=0 keeps every step on the modules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pensieve.cpu_decoder import LOOP_ROWS
 from pensieve.kernels import cpu_bf16_matmul
 from pensieve.kernels.cpu_bf16_matmul import (
     FewRowsWeight,
@@ -42,17 +43,18 @@ def _weight(n: int, k: int, seed: int) -> torch.Tensor:
 @needs_bf16
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rows_get_onednn_many_row_bits_at_every_count(shape):
-    """Every count up to FEW_ROWS (fours, single rows, both) gives each row the bits oneDNN's
-    300-row call gives it: the invariant a step of any batch relies on."""
+    """Every count up to FEW_ROWS (fours, single rows, both), and counts up to the one-loop
+    decoder's LOOP_ROWS, give each row the bits oneDNN's 600-row call gives it: the invariant
+    a step of any batch relies on."""
     w = _weight(*shape, seed=1)
     packed = reorder_for_onednn(w)
     few = few_rows_weight(w, _onednn)
     assert few is not None
-    x = torch.randn(300, shape[1], generator=torch.Generator().manual_seed(2))
+    x = torch.randn(600, shape[1], generator=torch.Generator().manual_seed(2))
     x = x.to(torch.bfloat16)
     whole = _bits(onednn_matmul(x, packed))
-    for count in range(1, FEW_ROWS + 1):
-        start = (count * 37) % (300 - count)
+    for count in [*range(1, FEW_ROWS + 1), FEW_ROWS + 1, 300, LOOP_ROWS - 1, LOOP_ROWS]:
+        start = (count * 37) % (600 - count)
         part = _bits(few.matmul(x[start : start + count]))
         assert torch.equal(part, whole[start : start + count]), f"{count} rows"
 

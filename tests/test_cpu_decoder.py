@@ -8,7 +8,7 @@ import torch
 from pensieve import cpu_decoder
 from pensieve.attention import ContiguousKV
 from pensieve.block_allocator import KVPool
-from pensieve.config import ModelConfig
+from pensieve.config import EngineConfig, ModelConfig
 from pensieve.linear import FEW_ROWS, pack_for_cpu
 from pensieve.messages import SequenceRows
 from pensieve.model import build_model
@@ -224,3 +224,9 @@ def test_a_new_norm_weight_is_picked_up(model, monkeypatch):
         _same_as_modules(model, rows, monkeypatch)
     finally:
         norm.weight = saved
+
+
+def test_the_loop_takes_a_whole_default_step():
+    """LOOP_ROWS was measured at the default step budget (a 512-token prefill, bench/README.md):
+    a change of either needs the other measured again."""
+    assert cpu_decoder.LOOP_ROWS == EngineConfig().max_batch_tokens
