@@ -154,9 +154,9 @@ def _four_rows_sums(x, r0, r1, r2, r3, w, start, pairs, pair_lo, pair_hi, ahead,
                     groups):  # fmt: skip
     """Four rows' sums over K pairs [pair_lo, pair_hi) for a whole block (`halves` 2:
     `_four_rows_block`) or one unit (1: `_four_rows`), as sixteen vectors, row by row (a
-    unit's two, then zeros in its place). The next block or unit is prefetched across all
-    `groups` fours of rows, not in the first four's pass: this four (`group`) takes the lines
-    from (group * pairs + pair_lo) * lines / groups on (`lines` a K pair)."""
+    unit's two, then zeros in its place). The next block or unit is prefetched once across
+    all `groups` fours of rows: this four (`group`) takes the lines from
+    (group * pairs + pair_lo) * lines / groups on (`lines` a K pair)."""
     lines = 2 * halves
     line, debt = divmod((group * pairs + pair_lo) * lines, groups)
     if halves == 2:
