@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pensieve.config import ModelConfig
 from pensieve.huge_pages import huge_page_tensor
-from pensieve.linear import onednn_matmul, onednn_packs, reorder_for_onednn
+from pensieve.linear import few_rows_form, onednn_matmul, onednn_packs, reorder_for_onednn
 from pensieve.model import cpu_has_native_bf16
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -92,12 +92,17 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -
 
 
 def linear_forms(x: torch.Tensor, w: torch.Tensor) -> list[Callable[[], torch.Tensor]]:
-    """x @ w.T as torch computes it: `F.linear`, and on CPU also from a weight prepacked for
-    oneDNN (what the model's linear layer runs there); the faster one sets the limit."""
+    """x @ w.T as torch computes it: `F.linear`, and on CPU also as the model's linear layer
+    runs it there: from a weight prepacked for oneDNN, and through the engine's own kernel
+    where it takes the weight (`few_rows_form`, at any row count); the fastest sets the
+    limit."""
     forms = [lambda: F.linear(x, w)]
     if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_packs(w.dtype):
         packed = reorder_for_onednn(w)
         forms.append(lambda: onednn_matmul(x, packed))
+        few = few_rows_form(w, packed)
+        if few is not None:
+            forms.append(lambda: few.matmul(x))
     return forms
 
 

@@ -306,10 +306,15 @@ def few_rows_weight(
     return few if same else None
 
 
-_chunks: dict[tuple[int, int, int], int | None] = {}
+_chunks: dict[tuple[int, int, int, torch.dtype], int | None] = {}
 
 
-def onednn_chunk(n_dim: int, k_dim: int, onednn: Callable[[torch.Tensor], Matmul]) -> int | None:
+def onednn_chunk(
+    n_dim: int,
+    k_dim: int,
+    onednn: Callable[[torch.Tensor], Matmul],
+    dtype: torch.dtype = torch.bfloat16,
+) -> int | None:
     """How many elements of K oneDNN's matmul of an [n_dim, k_dim] weight sums in one
     accumulator before it starts the next (K itself where it never does); None where its
     restarts are not evenly spaced or their sums not added in order. Read from the sum tree,
@@ -319,23 +324,24 @@ def onednn_chunk(n_dim: int, k_dim: int, onednn: Callable[[torch.Tensor], Matmul
     apart from the two that cancel) and 0 where the accumulator runs on (the ones vanished
     into the 2**60). With three chunks or more, one more row (a one in the first, +2**60 in
     the second, -2**60 in the third) sums to 0 where the chunks are added one after another
-    (a tree adding the last two first keeps the one). Once per shape and thread count."""
-    key = (n_dim, k_dim, torch.get_num_threads())
+    (a tree adding the last two first keeps the one). Once per shape, dtype and thread count
+    (`dtype`: the weight's and the rows', bfloat16 or float32)."""
+    key = (n_dim, k_dim, torch.get_num_threads(), dtype)
     if key not in _chunks:
         big = 2.0**60
         starts = torch.arange(2, k_dim - 1, 2)
-        x = torch.zeros(len(starts), k_dim, dtype=torch.bfloat16)
+        x = torch.zeros(len(starts), k_dim, dtype=dtype)
         rows = torch.arange(len(starts))
         x[rows, starts] = big
         x[rows, starts + 1] = -big
         x[rows, starts - 1] = x[rows, starts - 2] = 1.0
-        of_ones = onednn(torch.ones(n_dim, k_dim, dtype=torch.bfloat16))
+        of_ones = onednn(torch.ones(n_dim, k_dim, dtype=dtype))
         sums = of_ones(x)[:, 0].float()
         restarts = starts[sums == 2].tolist()
         chunk = restarts[0] if restarts else k_dim
         even = restarts == list(range(chunk, k_dim, chunk)) and bool((sums[sums != 2] == 0).all())
         if even and len(restarts) >= 2:  # the order the chunks' sums are added in
-            order = torch.zeros(1, k_dim, dtype=torch.bfloat16)
+            order = torch.zeros(1, k_dim, dtype=dtype)
             order[0, 0], order[0, chunk], order[0, 2 * chunk] = 1.0, big, -big
             even = bool(of_ones(order)[0, 0] == 0)
         _chunks[key] = chunk if even else None

@@ -26,8 +26,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .cpu_threads import numba_threads_as_torch
-from .cpu_tiles import _widen
-from .simd import f32_as_i32, i32_as_f32
+from .cpu_tiles import _vkv, _widen
+from .simd import f32_as_i32, i32_as_f32, vadd, vfma, vlane, vzero
 from .simd512 import v16load_bf16, v16mul, v16round_bf16, v16store_bf16
 from .simd512_math import v16silu
 
@@ -77,17 +77,42 @@ def _store_impl(a, i, j, x):
     return store_bits
 
 
+@njit(error_model="numpy", cache=True, nogil=True)  # no fastmath: see the docstring
+def _rms_norm_row(x, w, eps, out, t):
+    """Row t of RMSNorm, its sum of squares in one order written out (four eight-lane FMA
+    chains over 32 elements at a time, added as (0 + 1) + (2 + 3), the lanes in order, then
+    the tail), compiled without fastmath. With fastmath, inlined into the one-thread and the
+    parallel callers, the sum's order and the scaling's form followed the caller: on an AVX2
+    Zen 3, a float32 row alone and in a batch of 41 differed in their last bits."""
+    h = x.shape[1]
+    base = t * h
+    a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+    end = h - h % 32
+    for i in range(base, base + end, 32):
+        v = _vkv(x, i)
+        a0 = vfma(v, v, a0)
+        v = _vkv(x, i + 8)
+        a1 = vfma(v, v, a1)
+        v = _vkv(x, i + 16)
+        a2 = vfma(v, v, a2)
+        v = _vkv(x, i + 24)
+        a3 = vfma(v, v, a3)
+    lanes = vadd(vadd(a0, a1), vadd(a2, a3))
+    total = np.float32(0.0)
+    for j in range(8):
+        total += vlane(lanes, j)
+    for i in range(end, h):
+        v = _load(x, t, i)
+        total += v * v
+    scale = np.float32(1.0) / np.sqrt(total / np.float32(h) + eps)
+    for i in range(h):
+        _store(out, t, i, _load(w, 0, i) * _round(_load(x, t, i) * scale, x))
+
+
 @njit(inline="always", **_FAST)
 def _rms_norm_rows(x, w, eps, out, lo, hi):
-    h = x.shape[1]
     for t in range(lo, hi):
-        total = np.float32(0.0)
-        for i in range(h):
-            v = _load(x, t, i)
-            total += v * v
-        scale = np.float32(1.0) / np.sqrt(total / np.float32(h) + eps)
-        for i in range(h):
-            _store(out, t, i, _load(w, 0, i) * _round(_load(x, t, i) * scale, x))
+        _rms_norm_row(x, w, eps, out, t)
 
 
 @njit(inline="always", **_FAST)

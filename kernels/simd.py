@@ -172,6 +172,21 @@ def f32_as_i32(typingctx, x):
 
 
 @intrinsic
+def vbroadcast(typingctx, arr, flat):
+    """arr[flat] of a C-contiguous float32 array in all eight lanes (one `vbroadcastss` from
+    memory: no register for the scalar, no negative-index wraparound code)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        one = builder.insert_element(ir.Constant(_V8, ir.Undefined), builder.load(ptr), _I32(0))
+        return builder.shuffle_vector(one, ir.Constant(_V8, ir.Undefined), _mask([0] * 8))
+
+    return f32x8(arr, types.intp), codegen
+
+
+@intrinsic
 def vsplat(typingctx, x):
     """x in all eight lanes."""
 
@@ -206,6 +221,18 @@ def vmul(typingctx, a, b):
 
     def codegen(context, builder, sig, args):
         return builder.fmul(args[0], args[1])
+
+    return f32x8(f32x8, f32x8), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b lane by lane."""
+    if not (a == b == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
 
     return f32x8(f32x8, f32x8), codegen
 

@@ -6,7 +6,8 @@
   the packed GEMM gives every row the same bits whatever the row count (`batch_invariant`).
   Up to `FEW_ROWS` bfloat16 rows run `kernels/cpu_bf16_matmul` instead where it reproduces
   oneDNN's bits for the weight (checked when packing): a one-row step's matmuls ~1.6x faster,
-  for a second copy of the weight (`few_rows`, ~270 MB for the default model).
+  for a second copy of the weight (`few_rows`, ~270 MB for the default model). Up to
+  `FEW_F32_ROWS` float32 rows run `kernels/cpu_f32_matmul` the same way (~540 MB more).
 - `--quantize int8` replaces it with int8 rows and a scale each (`pensieve.quantize`), run by
   torch's int8 matmul where it is vectorised (AVX-512; a few bfloat16 rows by
   `cpu_int8_torch_order`'s copy of its bits, faster), by `kernels/cpu_int8.py` elsewhere.
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pensieve.huge_pages import carve
-from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight, few_rows_weight
+from pensieve.kernels import cpu_bf16_matmul, cpu_f32_matmul
+from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight
+from pensieve.kernels.cpu_f32_matmul import FewRowsF32Weight
 from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
@@ -39,6 +42,11 @@ PACK_BATCH_HINT = 64  # oneDNN's layout choice; with 1 its float32 GEMM was not 
 # 0.75-1.0, 96-256 rows 0.82-0.99, 280-512 rows 0.91-1.03 (even: a lone call keeps oneDNN's).
 # A whole step of up to `cpu_decoder.LOOP_ROWS` rows runs these kernels in one loop instead.
 FEW_ROWS = 256
+# Up to this many rows `cpu_f32_matmul` runs a float32 matmul, more rows oneDNN's GEMM. Its
+# time over oneDNN's, the model's 121 matmuls from DRAM (6 alternating rounds, 2-core Zen 3
+# EPYC, AVX2): 1 row 0.61, 2-8 rows 0.70-0.73, 16-64 rows 0.70-0.86, 128-512 rows 0.84-0.92.
+# Past the default step budget (`max_batch_tokens`), unmeasured, oneDNN keeps the rows.
+FEW_F32_ROWS = 512
 
 
 class Linear(nn.Linear):
@@ -47,7 +55,9 @@ class Linear(nn.Linear):
 
     tile_rows: int = 0
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` (CPU)
-    few_rows: FewRowsWeight | None = None  # `weight` for `cpu_bf16_matmul`, oneDNN's bits
+    # `weight` for `cpu_bf16_matmul` or `cpu_f32_matmul`, oneDNN's bits; up to `few_up_to` rows
+    few_rows: FewRowsWeight | FewRowsF32Weight | None = None
+    few_up_to: int = 0
     int8_weight: Int8Weight | None = None  # `qweight` and `qscale` as cpu_int8 takes them
 
     def __init__(self, *args, **kwargs):
@@ -73,7 +83,7 @@ class Linear(nn.Linear):
             return self.int8_matmul(x, prepared)
         if self.packed is not None and x.dtype == self.weight.dtype:
             few = self.few_rows
-            if few is not None and x.dim() == 2 and x.shape[0] <= FEW_ROWS:
+            if few is not None and x.dim() == 2 and x.shape[0] <= self.few_up_to:
                 return few.matmul(x)
             return onednn_matmul(x, self.packed)
         return F.linear(x, self.weight)
@@ -124,9 +134,10 @@ def tiled_linear(
 
 
 def pack_for_cpu(model: nn.Module) -> int:
-    """Prepack every dense CPU `Linear` for oneDNN, and bfloat16 ones for `cpu_bf16_matmul`
-    where it gives oneDNN's bits; returns how many (0 where unavailable). Where oneDNN has no
-    bfloat16 kernel on this CPU, bfloat16 weights stay on `F.linear`."""
+    """Prepack every dense CPU `Linear` for oneDNN, and for `cpu_bf16_matmul` (bfloat16) or
+    `cpu_f32_matmul` (float32) where that gives oneDNN's bits; returns how many (0 where
+    unavailable). Where oneDNN has no bfloat16 kernel on this CPU, bfloat16 weights stay on
+    `F.linear`."""
     if not torch.backends.mkldnn.is_available():
         return 0
     linears = [
@@ -141,17 +152,25 @@ def pack_for_cpu(model: nn.Module) -> int:
     for module in new:
         w = module.weight
         module.packed = reorder_for_onednn(w)
-        module.few_rows = few_rows_weight(w, _onednn_of(w, module.packed))
+        module.few_rows = few_rows_form(w, module.packed)
+        module.few_up_to = FEW_ROWS if w.dtype == torch.bfloat16 else FEW_F32_ROWS
     _into_huge_pages([m.few_rows for m in new if m.few_rows is not None])
     return len(linears)
 
 
-def _into_huge_pages(forms: list[FewRowsWeight]) -> None:
+def few_rows_form(w: torch.Tensor, packed: torch.Tensor) -> FewRowsWeight | FewRowsF32Weight | None:
+    """w for `cpu_bf16_matmul` (bfloat16) or `cpu_f32_matmul` (float32), where that kernel
+    gives the bits of oneDNN's matmul from `packed` (w's `reorder_for_onednn`); else None."""
+    kernels = cpu_bf16_matmul if w.dtype == torch.bfloat16 else cpu_f32_matmul
+    return kernels.few_rows_weight(w, _onednn_of(w, packed))
+
+
+def _into_huge_pages(forms: list[FewRowsWeight | FewRowsF32Weight]) -> None:
     """Move the forms' blocks into one 2 MB-page buffer, in the model's order (`huge_pages`:
     a one-row step streams them all from DRAM)."""
     for form, piece in zip(forms, carve([f.blocks.nbytes for f in forms]), strict=True):
         piece[:] = form.blocks.view(np.uint8)
-        form.blocks = piece.view(np.uint16)
+        form.blocks = piece.view(form.blocks.dtype)
 
 
 def _onednn_of(

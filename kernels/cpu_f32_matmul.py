@@ -1,0 +1,206 @@
+"""A few float32 rows times a float32 weight, in oneDNN's summation order: decode's matmuls
+near memory speed, with the bits of the GEMM that prefill runs.
+
+Why: oneDNN's prepacked float32 GEMM (`pensieve.linear`) is built for many rows; at one row it
+read a decode step's 540 MB of weights at ~11 GB/s where the machine reads 27-30 (2-core AMD
+Zen 3 EPYC, AVX2; bench/README.md). As for `cpu_bf16_matmul`, another kernel may only take
+some of a step's rows if every row keeps the bits oneDNN gives it (`batch_invariant`). oneDNN's
+float32 matmul (AVX2 brgemm) sums each output in one FMA chain over K in order, restarted every
+`chunk` elements of K (1024 of 1536, none of 576, found by `onednn_chunk`), the chunks' sums
+added in order; these kernels sum the same way, and `few_rows_weight` compares their bits with
+oneDNN's on random rows when the weight is packed (a weight that differs stays on oneDNN).
+
+Layout: `blocked` copies the weight [N, K] into units of 32 features, K outermost in a unit:
+[N/32, K, 32], so a unit is one contiguous stream and a thread's share of units is too. Rows
+go three at a time (twelve `f32x8` accumulators, the weight's vectors read from L1/L2 for the
+rows after the first three), then the rest one by one (four accumulators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .cpu_bf16_matmul import onednn_chunk
+from .cpu_threads import numba_threads_as_torch
+from .simd import vadd, vbroadcast, vfma, vload, vstore, vzero
+
+UNIT = 32  # features a work item computes: four f32x8 accumulators a row
+CHECK_ROWS = 48  # random rows compared with oneDNN's many-row call (threes, then one or two)
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+# no fastmath: it would let LLVM reorder the chunks' float adds, and the order is the point
+_FAST = {"error_model": "numpy", "cache": True, "nogil": True}
+
+
+@njit(inline="always", **_FAST)
+def _three_rows(x, r0, r1, r2, w, start, k_lo, k_hi):
+    """Three rows' sums over K [k_lo, k_hi) for the unit at `start`. Each weight vector is
+    loaded once for the three rows: twelve accumulators, three broadcasts and one weight vector
+    fill the sixteen registers of AVX2."""
+    a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
+    a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
+    a20, a21, a22, a23 = vzero(), vzero(), vzero(), vzero()
+    for k in range(k_lo, k_hi):
+        at = start + k * UNIT
+        s0 = vbroadcast(x, r0 + k)
+        s1 = vbroadcast(x, r1 + k)
+        s2 = vbroadcast(x, r2 + k)
+        v = vload(w, at)
+        a00, a10, a20 = vfma(s0, v, a00), vfma(s1, v, a10), vfma(s2, v, a20)
+        v = vload(w, at + 8)
+        a01, a11, a21 = vfma(s0, v, a01), vfma(s1, v, a11), vfma(s2, v, a21)
+        v = vload(w, at + 16)
+        a02, a12, a22 = vfma(s0, v, a02), vfma(s1, v, a12), vfma(s2, v, a22)
+        v = vload(w, at + 24)
+        a03, a13, a23 = vfma(s0, v, a03), vfma(s1, v, a13), vfma(s2, v, a23)
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23)
+
+
+@njit(inline="always", **_FAST)
+def _two_rows(x, r0, r1, w, start, k_lo, k_hi):
+    """Two rows' sums over K [k_lo, k_hi) for the unit at `start` (`_three_rows` with two)."""
+    a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
+    a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
+    for k in range(k_lo, k_hi):
+        at = start + k * UNIT
+        s0 = vbroadcast(x, r0 + k)
+        s1 = vbroadcast(x, r1 + k)
+        v = vload(w, at)
+        a00, a10 = vfma(s0, v, a00), vfma(s1, v, a10)
+        v = vload(w, at + 8)
+        a01, a11 = vfma(s0, v, a01), vfma(s1, v, a11)
+        v = vload(w, at + 16)
+        a02, a12 = vfma(s0, v, a02), vfma(s1, v, a12)
+        v = vload(w, at + 24)
+        a03, a13 = vfma(s0, v, a03), vfma(s1, v, a13)
+    return (a00, a01, a02, a03, a10, a11, a12, a13)
+
+
+@njit(inline="always", **_FAST)
+def _one_row(x, r0, w, start, k_lo, k_hi):
+    """One row's sums over K [k_lo, k_hi) for the unit at `start`."""
+    a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+    for k in range(k_lo, k_hi):
+        at = start + k * UNIT
+        s = vbroadcast(x, r0 + k)
+        a0 = vfma(s, vload(w, at), a0)
+        a1 = vfma(s, vload(w, at + 8), a1)
+        a2 = vfma(s, vload(w, at + 16), a2)
+        a3 = vfma(s, vload(w, at + 24), a3)
+    return a0, a1, a2, a3
+
+
+@njit(inline="always", **_FAST)
+def _sums(x, m, count, k_dim, w, start, k_lo, k_hi):
+    """Rows m..m+count-1's sums (count 1-3) over K [k_lo, k_hi) for the unit at `start`:
+    twelve vectors, four a row, zeros past `count`."""
+    r0 = m * k_dim
+    if count == 3:
+        return _three_rows(x, r0, r0 + k_dim, r0 + 2 * k_dim, w, start, k_lo, k_hi)
+    z = vzero()
+    if count == 2:
+        return _two_rows(x, r0, r0 + k_dim, w, start, k_lo, k_hi) + (z, z, z, z)
+    return _one_row(x, r0, w, start, k_lo, k_hi) + (z, z, z, z, z, z, z, z)
+
+
+@njit(inline="always", **_FAST)
+def _add(t, s):
+    """t + s, twelve vectors lane by lane."""
+    return (vadd(t[0], s[0]), vadd(t[1], s[1]), vadd(t[2], s[2]), vadd(t[3], s[3]),
+            vadd(t[4], s[4]), vadd(t[5], s[5]), vadd(t[6], s[6]), vadd(t[7], s[7]),
+            vadd(t[8], s[8]), vadd(t[9], s[9]), vadd(t[10], s[10]), vadd(t[11], s[11]))  # fmt: skip
+
+
+@njit(**_FAST)
+def _unit(x, w, out, k_dim, n_dim, chunk, unit):
+    """out[:, unit's 32 features] = x @ W.T: rows three at a time, chunk by chunk of K (each
+    chunk's sums from zero, added to the chunks' before it in order)."""
+    rows = x.shape[0] // k_dim  # x is flat
+    start = unit * k_dim * UNIT
+    for m in range(0, rows, 3):
+        count = min(3, rows - m)
+        t = _sums(x, m, count, k_dim, w, start, 0, min(chunk, k_dim))
+        for lo in range(chunk, k_dim, chunk):
+            s = _sums(x, m, count, k_dim, w, start, lo, min(lo + chunk, k_dim))
+            t = _add(t, s)
+        for i in range(count):
+            o = (m + i) * n_dim + unit * UNIT
+            for j in range(4):
+                vstore(out, o + 8 * j, t[4 * i + j])
+
+
+@njit(parallel=True, **_FAST)
+def _matmul(x, w, out, k_dim, n_dim, chunk, threads):
+    """out = x @ W.T (float32, C-contiguous, x and w flat), the units split into one
+    contiguous share a thread (one stream from memory: the hardware prefetcher follows it;
+    prefetching the next unit in software ran 0.89-1.11x as fast, 1-24 rows)."""
+    units = n_dim // UNIT
+    for t in prange(threads):
+        for unit in range(units * t // threads, units * (t + 1) // threads):
+            _unit(x, w, out, k_dim, n_dim, chunk, unit)
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether these kernels take this weight: float32 [N, K] on CPU, N a multiple of 32."""
+    return (
+        weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.shape[0] % UNIT == 0
+    )
+
+
+def blocked(weight: torch.Tensor) -> np.ndarray:
+    """The weight [N, K] as the kernels read it: [N/32, K, 32] float32, flat."""
+    n_dim, k_dim = weight.shape
+    tiles = weight.detach().contiguous().view(n_dim // UNIT, UNIT, k_dim).permute(0, 2, 1)
+    return tiles.contiguous().numpy().reshape(-1)
+
+
+class FewRowsF32Weight:
+    """A weight's blocked copy and oneDNN's K chunk for it: `matmul` of a few float32 rows
+    with the bits oneDNN gives them."""
+
+    __slots__ = ("blocks", "chunk", "out_features", "in_features")
+
+    def __init__(self, weight: torch.Tensor, chunk: int):
+        self.out_features, self.in_features = weight.shape
+        self.blocks = blocked(weight)
+        self.chunk = chunk
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for x [M, K] in float32."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"cpu_f32_matmul: x {tuple(x.shape)} {x.dtype} does not fit [M, "
+                f"{self.in_features}] float32"
+            )
+        x = x.contiguous()
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        if x.shape[0]:
+            threads = numba_threads_as_torch()
+            with threads:
+                _matmul(x.numpy().reshape(-1), self.blocks, out.reshape(-1), self.in_features,
+                        self.out_features, self.chunk, threads.threads)  # fmt: skip
+        return torch.from_numpy(out)
+
+
+def few_rows_weight(
+    weight: torch.Tensor, onednn: Callable[[torch.Tensor], Matmul]
+) -> FewRowsF32Weight | None:
+    """The weight for these kernels with oneDNN's K chunk for its shape, if they then give the
+    bits of oneDNN's matmul of it (`onednn(weight)`) on random rows; None where they do not,
+    or the weight does not `fit`."""
+    if not fits(weight):
+        return None
+    n_dim, k_dim = weight.shape
+    chunk = onednn_chunk(n_dim, k_dim, onednn, torch.float32)
+    if chunk is None:
+        return None
+    few = FewRowsF32Weight(weight, chunk)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_ROWS, k_dim, generator=gen)
+    return few if torch.equal(few.matmul(x), onednn(weight)(x)) else None
