@@ -26,37 +26,61 @@ from numba import njit, prange
 
 from .cpu_bf16_matmul import onednn_chunk
 from .cpu_threads import numba_threads_as_torch
-from .simd import vadd, vbroadcast, vfma, vload, vstore, vzero
+from .simd import prefetch_l2, vadd, vbroadcast, vfma, vload, vstore, vzero
 
 UNIT = 32  # features a work item computes: four f32x8 accumulators a row
+LINE = 16  # float32 elements of a 64-byte cache line
+# Where a unit takes this many passes of three rows or fewer (6-50 rows), each pass prefetches
+# its even share of the next unit's lines: the model's 121 matmuls took 0.76-0.89 of the time
+# at 6-24 rows, 0.98 at 64, but 1.12 at 128 rows and 1.36 at 512 (6-8 alternating rounds).
+PREFETCH_PASSES = (2, 16)
 CHECK_ROWS = 48  # random rows compared with oneDNN's many-row call (threes, then one or two)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 # no fastmath: it would let LLVM reorder the chunks' float adds, and the order is the point
 _FAST = {"error_model": "numpy", "cache": True, "nogil": True}
 
 
-@njit(inline="always", **_FAST)
-def _three_rows(x, r0, r1, r2, w, start, k_lo, k_hi):
-    """Three rows' sums over K [k_lo, k_hi) for the unit at `start`. Each weight vector is
-    loaded once for the three rows: twelve accumulators, three broadcasts and one weight vector
-    fill the sixteen registers of AVX2."""
-    a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
-    a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
-    a20, a21, a22, a23 = vzero(), vzero(), vzero(), vzero()
-    for k in range(k_lo, k_hi):
-        at = start + k * UNIT
-        s0 = vbroadcast(x, r0 + k)
-        s1 = vbroadcast(x, r1 + k)
-        s2 = vbroadcast(x, r2 + k)
-        v = vload(w, at)
-        a00, a10, a20 = vfma(s0, v, a00), vfma(s1, v, a10), vfma(s2, v, a20)
-        v = vload(w, at + 8)
-        a01, a11, a21 = vfma(s0, v, a01), vfma(s1, v, a11), vfma(s2, v, a21)
-        v = vload(w, at + 16)
-        a02, a12, a22 = vfma(s0, v, a02), vfma(s1, v, a12), vfma(s2, v, a22)
-        v = vload(w, at + 24)
-        a03, a13, a23 = vfma(s0, v, a03), vfma(s1, v, a13), vfma(s2, v, a23)
-    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23)
+def _three_rows_kernel(prefetching: bool):
+    """`_three_rows`, with the prefetch or without it (`prefetching` is a constant where it
+    compiles: without it, the loop keeps no counter; with the counter even where it never
+    came due, 512 rows took 1.17x the time)."""
+
+    @njit(inline="always", **_FAST)
+    def three_rows(x, r0, r1, r2, w, start, k_lo, k_hi, ahead, line, debt, passes):
+        """Three rows' sums over K [k_lo, k_hi) for the unit at `start`; where prefetching,
+        the unit at `ahead` is fetched into L2 meanwhile, its `line`-th line on, one for every
+        `passes` / 2 k (`debt`: the share of one already owed, in `passes`ths). Each weight
+        vector is loaded once for the three rows: twelve accumulators, three broadcasts and
+        one weight vector fill the sixteen registers of AVX2."""
+        a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
+        a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
+        a20, a21, a22, a23 = vzero(), vzero(), vzero(), vzero()
+        for k in range(k_lo, k_hi):
+            at = start + k * UNIT
+            if prefetching:
+                debt += 2
+                while debt >= passes:
+                    prefetch_l2(w, ahead + line * LINE)
+                    line += 1
+                    debt -= passes
+            s0 = vbroadcast(x, r0 + k)
+            s1 = vbroadcast(x, r1 + k)
+            s2 = vbroadcast(x, r2 + k)
+            v = vload(w, at)
+            a00, a10, a20 = vfma(s0, v, a00), vfma(s1, v, a10), vfma(s2, v, a20)
+            v = vload(w, at + 8)
+            a01, a11, a21 = vfma(s0, v, a01), vfma(s1, v, a11), vfma(s2, v, a21)
+            v = vload(w, at + 16)
+            a02, a12, a22 = vfma(s0, v, a02), vfma(s1, v, a12), vfma(s2, v, a22)
+            v = vload(w, at + 24)
+            a03, a13, a23 = vfma(s0, v, a03), vfma(s1, v, a13), vfma(s2, v, a23)
+        return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23)
+
+    return three_rows
+
+
+_three_rows = _three_rows_kernel(prefetching=False)
+_three_rows_prefetching = _three_rows_kernel(prefetching=True)
 
 
 @njit(inline="always", **_FAST)
@@ -94,12 +118,18 @@ def _one_row(x, r0, w, start, k_lo, k_hi):
 
 
 @njit(inline="always", **_FAST)
-def _sums(x, m, count, k_dim, w, start, k_lo, k_hi):
+def _sums(x, m, count, k_dim, w, start, k_lo, k_hi, ahead, passes):
     """Rows m..m+count-1's sums (count 1-3) over K [k_lo, k_hi) for the unit at `start`:
-    twelve vectors, four a row, zeros past `count`."""
+    twelve vectors, four a row, zeros past `count`. Each of the `passes` passes of three rows
+    prefetches its share of the next unit (at `ahead`): pass m / 3 the lines from
+    (m / 3 * K + k_lo) * 2 / passes on; with `passes` 0, none."""
     r0 = m * k_dim
+    if count == 3 and passes:
+        line, debt = divmod((m // 3 * k_dim + k_lo) * 2, passes)
+        return _three_rows_prefetching(x, r0, r0 + k_dim, r0 + 2 * k_dim, w, start, k_lo, k_hi,
+                                       ahead, line, debt, passes)  # fmt: skip
     if count == 3:
-        return _three_rows(x, r0, r0 + k_dim, r0 + 2 * k_dim, w, start, k_lo, k_hi)
+        return _three_rows(x, r0, r0 + k_dim, r0 + 2 * k_dim, w, start, k_lo, k_hi, 0, 0, 0, 1)
     z = vzero()
     if count == 2:
         return _two_rows(x, r0, r0 + k_dim, w, start, k_lo, k_hi) + (z, z, z, z)
@@ -115,16 +145,20 @@ def _add(t, s):
 
 
 @njit(**_FAST)
-def _unit(x, w, out, k_dim, n_dim, chunk, unit):
+def _unit(x, w, out, k_dim, n_dim, chunk, unit, ahead_unit):
     """out[:, unit's 32 features] = x @ W.T: rows three at a time, chunk by chunk of K (each
     chunk's sums from zero, added to the chunks' before it in order)."""
     rows = x.shape[0] // k_dim  # x is flat
     start = unit * k_dim * UNIT
+    ahead = ahead_unit * k_dim * UNIT
+    passes = rows // 3
+    if not PREFETCH_PASSES[0] <= passes <= PREFETCH_PASSES[1]:
+        passes = 0
     for m in range(0, rows, 3):
         count = min(3, rows - m)
-        t = _sums(x, m, count, k_dim, w, start, 0, min(chunk, k_dim))
+        t = _sums(x, m, count, k_dim, w, start, 0, min(chunk, k_dim), ahead, passes)
         for lo in range(chunk, k_dim, chunk):
-            s = _sums(x, m, count, k_dim, w, start, lo, min(lo + chunk, k_dim))
+            s = _sums(x, m, count, k_dim, w, start, lo, min(lo + chunk, k_dim), ahead, passes)
             t = _add(t, s)
         for i in range(count):
             o = (m + i) * n_dim + unit * UNIT
@@ -135,12 +169,14 @@ def _unit(x, w, out, k_dim, n_dim, chunk, unit):
 @njit(parallel=True, **_FAST)
 def _matmul(x, w, out, k_dim, n_dim, chunk, threads):
     """out = x @ W.T (float32, C-contiguous, x and w flat), the units split into one
-    contiguous share a thread (one stream from memory: the hardware prefetcher follows it;
-    prefetching the next unit in software ran 0.89-1.11x as fast, 1-24 rows)."""
+    contiguous share a thread: one stream from memory, which the hardware prefetcher follows
+    where a unit is read in one pass (prefetching the next unit in software as well, in every
+    pass, took 1.1x the time at 1-3 rows)."""
     units = n_dim // UNIT
     for t in prange(threads):
-        for unit in range(units * t // threads, units * (t + 1) // threads):
-            _unit(x, w, out, k_dim, n_dim, chunk, unit)
+        hi = units * (t + 1) // threads
+        for unit in range(units * t // threads, hi):
+            _unit(x, w, out, k_dim, n_dim, chunk, unit, unit + 1 if unit + 1 < hi else unit)
 
 
 def fits(weight: torch.Tensor) -> bool:
