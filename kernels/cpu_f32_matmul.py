@@ -5,15 +5,20 @@ Why: oneDNN's prepacked float32 GEMM (`pensieve.linear`) is built for many rows;
 read a decode step's 540 MB of weights at ~11 GB/s where the machine reads 27-30 (2-core AMD
 Zen 3 EPYC, AVX2; bench/README.md). As for `cpu_bf16_matmul`, another kernel may only take
 some of a step's rows if every row keeps the bits oneDNN gives it (`batch_invariant`). oneDNN's
-float32 matmul (AVX2 brgemm) sums each output in one FMA chain over K in order, restarted every
-`chunk` elements of K (1024 of 1536, none of 576, found by `onednn_chunk`), the chunks' sums
-added in order; these kernels sum the same way, and `few_rows_weight` compares their bits with
-oneDNN's on random rows when the weight is packed (a weight that differs stays on oneDNN).
+float32 matmul, probed on that CPU, sums each output in one FMA chain over K in order, restarted
+every `chunk` elements of K (1024 of 1536, none of 576, found by `onednn_chunk`), the chunks'
+sums added in order; these kernels sum the same way, and `few_rows_weight` compares their bits
+with oneDNN's on random rows when the weight is packed (a weight that differs, as on a CPU
+where oneDNN sums otherwise, stays on oneDNN).
 
 Layout: `blocked` copies the weight [N, K] into units of 32 features, K outermost in a unit:
 [N/32, K, 32], so a unit is one contiguous stream and a thread's share of units is too. Rows
-go three at a time (twelve `f32x8` accumulators, the weight's vectors read from L1/L2 for the
-rows after the first three), then the rest one by one (four accumulators).
+go three at a time (twelve `f32x8` accumulators; the unit comes from memory in the first
+pass, from L2 in the rest), the last one or two together. Where a unit takes 2-16 passes,
+they prefetch the next unit into L2, each pass an even share of its lines. The model's 121
+matmuls from memory took 0.61 of oneDNN's time at 1 row, 0.70-0.86 at 2-64 rows and
+0.84-0.92 at 128-512, before that prefetch, which then took 6-24 rows to 0.79-0.93 of their
+time (bench/README.md).
 """
 
 from __future__ import annotations
