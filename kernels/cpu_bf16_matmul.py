@@ -260,49 +260,63 @@ def blocked(weight: torch.Tensor) -> np.ndarray:
 
 
 class FewRowsWeight:
-    """A weight's blocked copy and oneDNN's K chunk for it: `matmul` of a few bfloat16 rows
-    with the bits oneDNN gives them."""
+    """A weight's blocked copy and oneDNN's K chunk for it: `matmul` of a few rows with the
+    bits oneDNN gives them. This class is the bfloat16 form; a subclass names another dtype,
+    the bits the kernel reads it as, its layout and its kernel (`cpu_f32_matmul`)."""
 
     __slots__ = ("blocks", "chunk", "out_features", "in_features")
+    dtype = torch.bfloat16
+    bits = torch.uint16  # x and out as the kernel reads and writes them
+    np_bits = np.uint16
+    layout = staticmethod(blocked)
+    kernel = staticmethod(_matmul)
 
     def __init__(self, weight: torch.Tensor, chunk: int):
         self.out_features, self.in_features = weight.shape
-        self.blocks = blocked(weight)
+        self.blocks = self.layout(weight)
         self.chunk = chunk
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for x [M, K] in bfloat16."""
-        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.in_features:
+        """x @ W.T for x [M, K] in the form's dtype."""
+        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
-                f"cpu_bf16_matmul: x {tuple(x.shape)} {x.dtype} does not fit [M, "
-                f"{self.in_features}] bfloat16"
+                f"{type(self).__name__}: x {tuple(x.shape)} {x.dtype} does not fit [M, "
+                f"{self.in_features}] {self.dtype}"
             )
         x = x.contiguous()
-        out = np.empty((x.shape[0], self.out_features), np.uint16)  # numpy's: ~1 us less
+        out = np.empty((x.shape[0], self.out_features), self.np_bits)  # numpy's: ~1 us less
         if x.shape[0]:
             threads = numba_threads_as_torch()
             with threads:
-                _matmul(x.view(torch.uint16).numpy(), self.blocks, out, self.in_features,
-                        self.out_features, self.chunk, threads.threads)  # fmt: skip
-        return torch.from_numpy(out).view(torch.bfloat16)
+                self.kernel(x.view(self.bits).numpy(), self.blocks, out, self.in_features,
+                            self.out_features, self.chunk, threads.threads)  # fmt: skip
+        return torch.from_numpy(out).view(self.dtype)
 
 
 def few_rows_weight(
     weight: torch.Tensor, onednn: Callable[[torch.Tensor], Matmul]
 ) -> FewRowsWeight | None:
-    """The weight for these kernels with oneDNN's K chunk for its shape (`onednn_chunk`), if
-    they then give the bits of oneDNN's matmul of it (`onednn(weight)`) on random rows; None
-    where they do not, or the weight does not `fit`."""
-    if not fits(weight):
-        return None
+    """The weight for these kernels, where it `fits` and `checked_form` passes it."""
+    return checked_form(FewRowsWeight, weight, onednn, CHECK_ROWS) if fits(weight) else None
+
+
+def checked_form(
+    form: type[FewRowsWeight],
+    weight: torch.Tensor,
+    onednn: Callable[[torch.Tensor], Matmul],
+    rows: int,
+) -> FewRowsWeight | None:
+    """`form` of the weight with oneDNN's K chunk for its shape (`onednn_chunk`), if it then
+    gives the bits of oneDNN's matmul of it (`onednn(weight)`) on `rows` random rows; None
+    where it does not."""
     n_dim, k_dim = weight.shape
-    chunk = onednn_chunk(n_dim, k_dim, onednn)
+    chunk = onednn_chunk(n_dim, k_dim, onednn, weight.dtype)
     if chunk is None:
         return None
-    few = FewRowsWeight(weight, chunk)
+    few = form(weight, chunk)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(CHECK_ROWS, k_dim, generator=gen).to(torch.bfloat16)
-    same = torch.equal(few.matmul(x).view(torch.uint16), onednn(weight)(x).view(torch.uint16))
+    x = torch.randn(rows, k_dim, generator=gen).to(weight.dtype)
+    same = torch.equal(few.matmul(x).view(few.bits), onednn(weight)(x).view(few.bits))
     return few if same else None
 
 

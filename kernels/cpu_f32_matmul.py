@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .cpu_bf16_matmul import onednn_chunk
-from .cpu_threads import numba_threads_as_torch
+from .cpu_bf16_matmul import FewRowsWeight, checked_form
 from .simd import prefetch_l2, vadd, vbroadcast, vfma, vload, vstore, vzero
 
 UNIT = 32  # features a work item computes: four f32x8 accumulators a row
@@ -153,7 +152,7 @@ def _add(t, s):
 def _unit(x, w, out, k_dim, n_dim, chunk, unit, ahead_unit):
     """out[:, unit's 32 features] = x @ W.T: rows three at a time, chunk by chunk of K (each
     chunk's sums from zero, added to the chunks' before it in order)."""
-    rows = x.shape[0] // k_dim  # x is flat
+    rows = x.shape[0]
     start = unit * k_dim * UNIT
     ahead = ahead_unit * k_dim * UNIT
     passes = rows // 3
@@ -173,7 +172,7 @@ def _unit(x, w, out, k_dim, n_dim, chunk, unit, ahead_unit):
 
 @njit(parallel=True, **_FAST)
 def _matmul(x, w, out, k_dim, n_dim, chunk, threads):
-    """out = x @ W.T (float32, C-contiguous, x and w flat), the units split into one
+    """out = x @ W.T (float32, C-contiguous; w flat), the units split into one
     contiguous share a thread: one stream from memory, which the hardware prefetcher follows
     where a unit is read in one pass (prefetching the next unit in software as well, in every
     pass, took 1.1x the time at 1-3 rows)."""
@@ -201,47 +200,20 @@ def blocked(weight: torch.Tensor) -> np.ndarray:
     return tiles.contiguous().numpy().reshape(-1)
 
 
-class FewRowsF32Weight:
+class FewRowsF32Weight(FewRowsWeight):
     """A weight's blocked copy and oneDNN's K chunk for it: `matmul` of a few float32 rows
     with the bits oneDNN gives them."""
 
-    __slots__ = ("blocks", "chunk", "out_features", "in_features")
-
-    def __init__(self, weight: torch.Tensor, chunk: int):
-        self.out_features, self.in_features = weight.shape
-        self.blocks = blocked(weight)
-        self.chunk = chunk
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for x [M, K] in float32."""
-        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"cpu_f32_matmul: x {tuple(x.shape)} {x.dtype} does not fit [M, "
-                f"{self.in_features}] float32"
-            )
-        x = x.contiguous()
-        out = np.empty((x.shape[0], self.out_features), np.float32)
-        if x.shape[0]:
-            threads = numba_threads_as_torch()
-            with threads:
-                _matmul(x.numpy().reshape(-1), self.blocks, out.reshape(-1), self.in_features,
-                        self.out_features, self.chunk, threads.threads)  # fmt: skip
-        return torch.from_numpy(out)
+    __slots__ = ()
+    dtype = torch.float32
+    bits = torch.float32
+    np_bits = np.float32
+    layout = staticmethod(blocked)
+    kernel = staticmethod(_matmul)
 
 
 def few_rows_weight(
     weight: torch.Tensor, onednn: Callable[[torch.Tensor], Matmul]
 ) -> FewRowsF32Weight | None:
-    """The weight for these kernels with oneDNN's K chunk for its shape, if they then give the
-    bits of oneDNN's matmul of it (`onednn(weight)`) on random rows; None where they do not,
-    or the weight does not `fit`."""
-    if not fits(weight):
-        return None
-    n_dim, k_dim = weight.shape
-    chunk = onednn_chunk(n_dim, k_dim, onednn, torch.float32)
-    if chunk is None:
-        return None
-    few = FewRowsF32Weight(weight, chunk)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(CHECK_ROWS, k_dim, generator=gen)
-    return few if torch.equal(few.matmul(x), onednn(weight)(x)) else None
+    """The weight for these kernels, where it `fits` and `checked_form` passes it."""
+    return checked_form(FewRowsF32Weight, weight, onednn, CHECK_ROWS) if fits(weight) else None

@@ -108,10 +108,9 @@ def test_every_thread_count_and_share_gives_the_same_bits(rows):
     x = _rows(rows, 96, seed=9)
 
     def run(threads: int) -> np.ndarray:
-        out = np.zeros(rows * 320, np.float32)
-        cpu_f32_matmul._matmul(x.numpy().reshape(-1), few.blocks, out, 96, 320, few.chunk,
-                               threads)  # fmt: skip
-        return out.reshape(rows, 320)
+        out = np.zeros((rows, 320), np.float32)
+        cpu_f32_matmul._matmul(x.numpy(), few.blocks, out, 96, 320, few.chunk, threads)
+        return out
 
     one = run(1)
     for threads in (2, 3, 5, 7):
