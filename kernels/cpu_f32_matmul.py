@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from .cpu_bf16_matmul import FewRowsWeight, checked_form
+from .cpu_bf16_matmul import FewRowsWeight, Matmul, checked_form
 from .simd import prefetch_l2, vadd, vbroadcast, vfma, vload, vstore, vzero
 
 UNIT = 32  # features a work item computes: four f32x8 accumulators a row
@@ -39,7 +39,6 @@ LINE = 16  # float32 elements of a 64-byte cache line
 # at 6-24 rows, 0.98 at 64, but 1.12 at 128 rows and 1.36 at 512 (6-8 alternating rounds).
 PREFETCH_PASSES = (2, 16)
 CHECK_ROWS = 48  # random rows compared with oneDNN's many-row call (threes, then one or two)
-Matmul = Callable[[torch.Tensor], torch.Tensor]
 # no fastmath: it would let LLVM reorder the chunks' float adds, and the order is the point
 _FAST = {"error_model": "numpy", "cache": True, "nogil": True}
 

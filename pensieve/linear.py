@@ -28,7 +28,6 @@ from torch import nn
 from pensieve.huge_pages import carve
 from pensieve.kernels import cpu_bf16_matmul, cpu_f32_matmul
 from pensieve.kernels.cpu_bf16_matmul import FewRowsWeight
-from pensieve.kernels.cpu_f32_matmul import FewRowsF32Weight
 from pensieve.kernels.cpu_int8 import (
     TORCH_INT8_VECTORISED,
     Int8Weight,
@@ -56,7 +55,7 @@ class Linear(nn.Linear):
     tile_rows: int = 0
     packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` (CPU)
     # `weight` for `cpu_bf16_matmul` or `cpu_f32_matmul`, oneDNN's bits; up to `few_up_to` rows
-    few_rows: FewRowsWeight | FewRowsF32Weight | None = None
+    few_rows: FewRowsWeight | None = None  # or its float32 subclass, `FewRowsF32Weight`
     few_up_to: int = 0
     int8_weight: Int8Weight | None = None  # `qweight` and `qscale` as cpu_int8 takes them
 
@@ -158,14 +157,14 @@ def pack_for_cpu(model: nn.Module) -> int:
     return len(linears)
 
 
-def few_rows_form(w: torch.Tensor, packed: torch.Tensor) -> FewRowsWeight | FewRowsF32Weight | None:
+def few_rows_form(w: torch.Tensor, packed: torch.Tensor) -> FewRowsWeight | None:
     """w for `cpu_bf16_matmul` (bfloat16) or `cpu_f32_matmul` (float32), where that kernel
     gives the bits of oneDNN's matmul from `packed` (w's `reorder_for_onednn`); else None."""
     kernels = cpu_bf16_matmul if w.dtype == torch.bfloat16 else cpu_f32_matmul
     return kernels.few_rows_weight(w, _onednn_of(w, packed))
 
 
-def _into_huge_pages(forms: list[FewRowsWeight | FewRowsF32Weight]) -> None:
+def _into_huge_pages(forms: list[FewRowsWeight]) -> None:
     """Move the forms' blocks into one 2 MB-page buffer, in the model's order (`huge_pages`:
     a one-row step streams them all from DRAM)."""
     for form, piece in zip(forms, carve([f.blocks.nbytes for f in forms]), strict=True):
